@@ -1,0 +1,3 @@
+from falcoria_worker.cli import main
+
+raise SystemExit(main())
