@@ -1,0 +1,182 @@
+"""The two-phase scan of one task: validate, open ports, service detection, merge.
+
+Everything that decides is here; everything that touches the world is injected (`run` is
+`runner.run_nmap` in production), so the same sequence serves `falcoria-worker scan`, the queue
+worker and the unit tests. Delivery is not part of it: the caller spools the merged report.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from falcoria_worker import argv, merge
+from falcoria_worker.caps import RawSockets
+from falcoria_worker.errors import Cancelled, Rejected, ScanFailed
+from falcoria_worker.model import Phase, PortRef, ScanTask
+from falcoria_worker.policy import PolicyConfig, ScanOptions, check_options
+from falcoria_worker.runner import NmapProcess, NmapRun, run_nmap
+from falcoria_worker.scope import Scope
+
+
+class Hooks(Protocol):
+    """What the caller learns while a task runs (Redis status, sd_notify STATUS, a terminal)."""
+
+    def phase(self, phase: Phase, detail: str) -> None: ...
+    def progress(self, phase: Phase, percent: float) -> None: ...
+    def nmap_started(self, phase: Phase, proc: NmapProcess) -> None: ...
+    def nmap_finished(self, phase: Phase) -> None: ...
+
+
+class NoHooks:
+    def phase(self, phase: Phase, detail: str) -> None:
+        pass
+
+    def progress(self, phase: Phase, percent: float) -> None:
+        pass
+
+    def nmap_started(self, phase: Phase, proc: NmapProcess) -> None:
+        pass
+
+    def nmap_finished(self, phase: Phase) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A task whose options and target passed every check: safe to hand to nmap."""
+
+    task: ScanTask
+    ports_opts: ScanOptions
+    service_opts: ScanOptions
+
+
+@dataclass(frozen=True)
+class Outcome:
+    report: Path | None  # merged XML; None when nmap saw no host (nothing ScanLedger could import)
+    open_ports: tuple[PortRef, ...]
+    notes: tuple[str, ...] = ()  # e.g. service detection timed out: delivered without it
+    durations: dict[str, float] = field(default_factory=dict)
+
+
+RunNmap = Callable[..., NmapRun]
+
+
+@dataclass(frozen=True)
+class Engine:
+    nmap: str
+    policy: PolicyConfig
+    scope: Scope
+    raw: RawSockets
+    stats_every: str = "2s"
+    kill_grace: float = 2.0
+    run: RunNmap = run_nmap
+
+    def prepare(self, task: ScanTask) -> Plan:
+        """Check everything before any process starts: a bad phase-2 option must not cost a phase 1."""
+        ports_opts = check_options(task.open_ports_opts, Phase.PORTS, self.policy)
+        service_opts = check_options(task.service_opts, Phase.SERVICES, self.policy)
+        self.scope.check(task.ip)
+        if task.ip_version == 4 and (ports_opts.ipv6 or service_opts.ipv6):
+            raise Rejected(f"option '-6' given for the IPv4 target {task.ip}", field="open_ports_opts")
+        raw_needed = ports_opts.needs_raw or (task.include_services and service_opts.needs_raw)
+        if raw_needed and self.raw is RawSockets.NONE:
+            # nmap would quit ("requires root privileges") or silently fall back to a connect scan.
+            raise ScanFailed(
+                "these options need raw sockets, and this worker has neither root nor CAP_NET_RAW "
+                "(run it under the falcoria-worker@ unit, which grants CAP_NET_RAW)"
+            )
+        return Plan(task, ports_opts, service_opts)
+
+    @property
+    def privileged(self) -> bool:
+        # Root needs no flag; with CAP_NET_RAW alone nmap must be told, or it assumes no raw sockets.
+        return self.raw is RawSockets.CAP_NET_RAW
+
+    def execute(
+        self, plan: Plan, workdir: Path, cancel: threading.Event, hooks: Hooks | None = None
+    ) -> Outcome:
+        hooks = hooks or NoHooks()
+        task = plan.task
+        if workdir.exists():
+            shutil.rmtree(workdir)  # a rerun after a crash starts from nothing
+        workdir.mkdir(parents=True)
+        durations: dict[str, float] = {}
+
+        phase1_xml = workdir / "phase1.xml"
+        hooks.phase(Phase.PORTS, f"open ports of {task.ip}")
+        run1 = self._run_phase(
+            Phase.PORTS,
+            argv.phase1_argv(
+                task, plan.ports_opts, nmap=self.nmap, privileged=self.privileged,
+                xml_path=str(phase1_xml), stats_every=self.stats_every,
+            ),
+            workdir / "phase1", task.timeout, cancel, hooks,
+        )
+        durations["ports_scan"] = run1.duration
+        if run1.cancelled or cancel.is_set():
+            raise Cancelled("cancelled during the open-ports scan")
+        if run1.timed_out:
+            raise ScanFailed(f"open-ports scan timed out after {task.timeout} s")
+        if run1.returncode != 0:
+            raise ScanFailed(f"nmap exited with {run1.returncode} in the open-ports scan: {run1.stderr_tail}")
+        if not merge.host_found(phase1_xml):
+            return Outcome(None, (), ("nmap reported no host (down or filtered); nothing to import",), durations)
+
+        ports = tuple(merge.open_ports(phase1_xml, task.ip))
+        notes: list[str] = []
+        phase2_xml: Path | None = None
+        if task.include_services and ports:
+            # The cancel that arrives between the phases is honoured here (upstream started phase 2).
+            if cancel.is_set():
+                raise Cancelled("cancelled between the two phases")
+            phase2_xml = workdir / "phase2.xml"
+            hooks.phase(Phase.SERVICES, f"service scan of {len(ports)} ports on {task.ip}")
+            run2 = self._run_phase(
+                Phase.SERVICES,
+                argv.phase2_argv(
+                    task, plan.service_opts, ports, nmap=self.nmap, privileged=self.privileged,
+                    xml_path=str(phase2_xml), stats_every=self.stats_every,
+                ),
+                workdir / "phase2", task.timeout, cancel, hooks,
+            )
+            durations["service_scan"] = run2.duration
+            if run2.cancelled or cancel.is_set():
+                raise Cancelled("cancelled during the service scan")
+            if run2.timed_out:
+                notes.append(f"service detection timed out after {task.timeout} s; open ports delivered without it")
+                phase2_xml = None
+            elif run2.returncode != 0:
+                notes.append(f"service detection failed (nmap exited {run2.returncode}): {run2.stderr_tail}")
+                phase2_xml = None
+
+        report = workdir / "report.xml"
+        merge.merge_reports(phase1_xml, phase2_xml, report, target_ip=task.ip, hostnames=task.hostnames)
+        return Outcome(report, ports, tuple(notes), durations)
+
+    def _run_phase(
+        self,
+        phase: Phase,
+        args: Sequence[str],
+        phase_dir: Path,
+        timeout: int,
+        cancel: threading.Event,
+        hooks: Hooks,
+    ) -> NmapRun:
+        phase_dir.mkdir()
+        try:
+            return self.run(
+                args,
+                workdir=phase_dir,
+                timeout=float(timeout),
+                cancel=cancel,
+                on_start=lambda proc: hooks.nmap_started(phase, proc),
+                on_progress=lambda pct: hooks.progress(phase, pct),
+                kill_grace=self.kill_grace,
+            )
+        finally:
+            hooks.nmap_finished(phase)

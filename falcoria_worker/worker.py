@@ -1,0 +1,838 @@
+"""`falcoria-worker run`: one instance's consumer loop.
+
+The main thread owns the AMQP connection (kombu channels are not thread-safe) and runs a short-timeout
+event loop: it consumes Tasker's scan queue, one private queue on each fanout broadcast exchange
+(cancel, IP refresh) and the Celery pidbox (ping, revoke). Scans run on a thread pool; nmap is a
+subprocess, so threads are all the parallelism needed.
+
+Why the loop is ours and not a stock Celery worker (see also docs/design.md):
+- A scan message is acked only after a Redis lease records it, and the consumer is cancelled
+  (basic.cancel) while every slot is busy, so no message is ever held unacked during a scan: RabbitMQ's
+  consumer_timeout cannot close the channel, and idle instances get the queued work instead.
+- The lease makes a killed instance's task recoverable: its owner re-publishes it at restart, any
+  instance re-publishes it once the lease expires, and a task that keeps killing workers is recorded
+  as failed after MAX_ATTEMPTS instead of looping forever.
+- Cancels are handled on the loop thread itself, which signals the nmap process group directly, so a
+  busy instance still cancels within milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import signal
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.pidbox import Mailbox
+
+from falcoria_worker import protocol, runner
+from falcoria_worker.config import Settings, broker_url
+from falcoria_worker.errors import Cancelled, Rejected, ScanFailed
+from falcoria_worker.logs import task_context
+from falcoria_worker.model import Phase, ScanTask, TaskState, parse_cancel, parse_task
+from falcoria_worker.netaddr import default_route_source_ip, echo_ip
+from falcoria_worker.pipeline import Engine, Plan
+from falcoria_worker.runner import NmapProcess
+from falcoria_worker.service import Notifier
+from falcoria_worker.spool import Deliverer, Spool, SpoolEntry
+from falcoria_worker.state import RedisState
+
+log = logging.getLogger(__name__)
+
+SCAN_TASK = "project.nmap.scan"
+CANCEL_TASK = "project.nmap.cancel"
+UPDATE_IP_TASK = "worker.update_ip"
+
+LOOP_TIMEOUT = 0.1  # seconds drain_events may block: bounds how late the loop notices anything
+PROGRESS_WRITE_INTERVAL = 1.0
+REVOKED_MEMORY = 10_000  # revoked ids kept in memory (Celery keeps 50,000; Redis holds them too)
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    """A scan message as it came off the queue, kept so it can be handed back unchanged."""
+
+    body: str
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+
+    def dumps(self) -> str:
+        return json.dumps({"body": self.body, "headers": self.headers, "properties": self.properties})
+
+    @classmethod
+    def loads(cls, text: str | bytes) -> RawMessage:
+        data = json.loads(text)
+        return cls(data["body"], data["headers"], data["properties"])
+
+
+@dataclass
+class Running:
+    task_id: str
+    task: ScanTask
+    raw: RawMessage
+    cancel: threading.Event = field(default_factory=threading.Event)
+    shutdown: bool = False  # cancelled by our own stop: hand back instead of recording "cancelled"
+    lease_lost: bool = False
+    proc: NmapProcess | None = None
+    phase: Phase | None = None
+    detail: str = "starting"
+    percent: float | None = None
+    last_progress_write: float = 0.0
+
+
+def current_ip(settings: Settings) -> str | None:
+    """The IP Tasker shows for this worker: configured, else the operator's echo URL, else the local
+    source address of the default route. Never a third-party service."""
+    if settings.worker_ip:
+        return settings.worker_ip
+    if settings.ip_echo_url:
+        try:
+            return echo_ip(settings.ip_echo_url, timeout=5.0)
+        except Exception as exc:  # an echo outage must not stop registration: fall back to the route
+            log.warning("IP echo URL failed (%s); using the default route's source address", exc)
+    return default_route_source_ip()
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: Engine,
+        state: RedisState,
+        notifier: Notifier,
+        spool: Spool | None,
+        deliverer: Deliverer | None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.state = state
+        self.notifier = notifier
+        self.spool = spool
+        self.deliverer = deliverer
+        self.nodename = f"{settings.node_name}@{settings.hostname}"
+        self.owner = self.nodename  # lease owner: stable across restarts of the same instance
+        self.state_dir = Path(settings.state_dir)
+        self.results_dir = self.state_dir / "results"
+        self.work_root = self.state_dir / "work"
+
+        self.running: dict[str, Running] = {}
+        self.revoked: dict[str, float] = {}
+        self.events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self.handbacks: list[Running] = []
+        self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="scan")
+        self.stop_requested = False
+        self.redis_ok = False
+        self.broker_ok = False
+        self.conn: Connection | None = None
+        self.scan_consumer: Consumer | None = None
+        self.consuming = False
+        self.ready_sent = False
+        self._last_watchdog = 0.0
+        self._last_heartbeat = 0.0
+        self._last_sweep = 0.0
+        self._last_redis_probe = 0.0
+        self._redis_backlog: list[tuple[Any, ...]] = []
+        self._pending_republish: list[tuple[str, RawMessage]] = []
+        self._recovered = False
+
+    # ------------------------------------------------------------------ life cycle
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        self._kill_orphans()
+        if self.deliverer:
+            self.deliverer.start()
+        self.notifier.status("starting")
+        backoff = 0.5
+        while not self.stop_requested:
+            try:
+                self._ensure_redis()
+                self._connect()
+                backoff = 0.5
+                self._serve()
+            except Exception as exc:
+                if self.stop_requested:
+                    break
+                if not self._is_connection_error(exc):
+                    raise
+                self.broker_ok = False
+                self.consuming = False
+                reason = self._describe(exc)
+                log.warning("connection problem: %s; retrying in %.1f s", reason, backoff)
+                self.notifier.status(self._outage_status(reason))
+                self._sleep_alive(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                self._drop_connection()
+        self._shutdown()
+        return 0
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if not self.stop_requested:
+            log.info("received %s: stopping", signal.Signals(signum).name)
+        self.stop_requested = True
+
+    def _sleep_alive(self, seconds: float) -> None:
+        """Wait without going silent: the watchdog keeps being fed while we wait for a peer."""
+        end = time.monotonic() + seconds
+        while not self.stop_requested and time.monotonic() < end:
+            self._collect_events()
+            self._feed_watchdog()
+            time.sleep(min(LOOP_TIMEOUT, max(0.0, end - time.monotonic())))
+
+    # ------------------------------------------------------------------ connections
+
+    def _ensure_redis(self) -> None:
+        while not self.stop_requested:
+            try:
+                self.state.ping()
+                if not self.redis_ok:
+                    log.info("Redis answers")
+                self.redis_ok = True
+                self._startup_recovery_once()
+                return
+            except redis.RedisError as exc:
+                self.redis_ok = False
+                self.notifier.status(f"waiting for Redis: {self._describe(exc)}")
+                log.warning("Redis unavailable: %s", self._describe(exc))
+                self._sleep_alive(1.0)
+
+    def _connect(self) -> None:
+        s = self.settings
+        self.conn = Connection(broker_url(s), heartbeat=30, connect_timeout=5, transport_options={})
+        self.conn.ensure_connection(max_retries=1)
+        channel = self.conn.channel()
+        scan_exchange = Exchange(s.exchange_name, type=s.exchange_type, durable=True)
+        # Declared exactly as Tasker declares it (durable, no arguments), or Tasker's declare fails 406.
+        scan_queue = Queue(
+            s.nmap_scan_queue_name, exchange=scan_exchange, routing_key=s.nmap_scan_routing_key, durable=True
+        )
+        self.scan_exchange = scan_exchange
+        self.scan_queue = scan_queue
+        self.scan_consumer = Consumer(
+            channel, queues=[scan_queue], on_message=self._on_scan_message, no_ack=False, prefetch_count=1
+        )
+        self.scan_consumer.declare()
+        # Tasker never declares the fanout exchanges; its first broadcast fails unless a worker has.
+        for name, handler in (
+            (s.nmap_cancel_queue_name, self._on_broadcast),
+            (s.worker_service_broadcast_queue, self._on_broadcast),
+        ):
+            exchange = Exchange(name, type="fanout", durable=True, auto_delete=False)
+            bcast = Queue(f"bcast.{uuid.uuid4()}", exchange=exchange, routing_key="celery", auto_delete=True)
+            Consumer(channel, queues=[bcast], on_message=handler, no_ack=True).consume()
+        mailbox = Mailbox(
+            "celery", type="fanout", accept=["json"], queue_ttl=300.0, reply_queue_ttl=300.0,
+            queue_expires=10.0, reply_queue_expires=10.0,
+        )(self.conn)
+        node = mailbox.Node(
+            hostname=self.nodename,
+            state=self,
+            channel=channel,
+            handlers={"ping": self._pidbox_ping, "revoke": self._pidbox_revoke, "active": self._pidbox_active},
+        )
+        node.listen(channel=channel)
+        self.producer = Producer(channel)
+        self.broker_ok = True
+        self.consuming = False
+        self._update_consumption()
+        log.info("consuming %s as %s", s.nmap_scan_queue_name, self.nodename)
+
+    def _drop_connection(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.release()
+            except Exception:  # noqa: S110 - a dead connection may fail to close; it is gone either way
+                pass
+        self.conn = None
+        self.scan_consumer = None
+        self.consuming = False
+
+    def _is_connection_error(self, exc: BaseException) -> bool:
+        errors: tuple[type[BaseException], ...] = (OSError, redis.RedisError)
+        if self.conn is not None:
+            errors += tuple(self.conn.connection_errors) + tuple(self.conn.channel_errors)
+        from kombu.exceptions import OperationalError
+
+        return isinstance(exc, (*errors, OperationalError))
+
+    @staticmethod
+    def _describe(exc: BaseException) -> str:
+        text = str(exc) or type(exc).__name__
+        return text.splitlines()[0][:200]
+
+    def _outage_status(self, reason: str) -> str:
+        scans = len(self.running)
+        busy = f"; {scans} scan(s) continue" if scans else ""
+        return f"reconnecting to RabbitMQ: {reason}{busy}"
+
+    # ------------------------------------------------------------------ the loop
+
+    def _serve(self) -> None:
+        assert self.conn is not None
+        while not self.stop_requested:
+            self._tick()
+            try:
+                self.conn.drain_events(timeout=LOOP_TIMEOUT)
+            except (TimeoutError, socket.timeout):
+                pass
+            self.conn.heartbeat_check()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self._collect_events()
+        self._send_handbacks()
+        if not self.redis_ok and now - self._last_redis_probe >= 1.0:
+            self._last_redis_probe = now
+            try:
+                self.state.ping()
+                self.redis_ok = True
+                log.info("Redis is back")
+                self._update_consumption()
+            except redis.RedisError:
+                pass
+        if self.redis_ok:
+            self._flush_redis_backlog()
+            lease_ttl = self.settings.lease_ttl
+            if now - self._last_heartbeat >= lease_ttl / 3:
+                self._last_heartbeat = now
+                self._heartbeat_leases()
+            if now - self._last_sweep >= lease_ttl / 2:
+                self._last_sweep = now
+                self._recover_expired()
+        if not self.ready_sent and self.broker_ok and self.redis_ok:
+            self.ready_sent = True
+            self.notifier.ready(self._status_text())
+        self.notifier.status(self._status_text())
+        self._feed_watchdog()
+
+    def _feed_watchdog(self) -> None:
+        # Fed only from the loop itself: if the loop hangs (deadlock, SIGSTOP), systemd restarts us.
+        interval = self.notifier.watchdog_interval()
+        now = time.monotonic()
+        if interval and now - self._last_watchdog >= min(interval, 1.0):
+            self._last_watchdog = now
+            self.notifier.watchdog()
+
+    def _status_text(self) -> str:
+        if not self.broker_ok:
+            return self._outage_status("connecting")
+        if not self.redis_ok:
+            return "waiting for Redis; not taking new scans"
+        if not self.running:
+            return "idle"
+        parts = []
+        for r in self.running.values():
+            if r.phase is Phase.PORTS:
+                pct = f" {r.percent:.0f}%" if r.percent is not None else ""
+                parts.append(f"scanning {r.task.ip}: open ports{pct}")
+            elif r.phase is Phase.SERVICES:
+                pct = f" {r.percent:.0f}%" if r.percent is not None else ""
+                parts.append(f"{r.detail}{pct}")
+            else:
+                parts.append(f"{r.task.ip}: {r.detail}")
+        return "; ".join(parts)
+
+    def _update_consumption(self) -> None:
+        """Consume only while a slot is free and Redis answers: nothing waits unacked on a busy worker."""
+        if self.scan_consumer is None:
+            return
+        want = (
+            self.broker_ok
+            and self.redis_ok
+            and not self.stop_requested
+            and len(self.running) < self.settings.concurrency
+        )
+        if want and not self.consuming:
+            self.scan_consumer.consume()
+            self.consuming = True
+        elif not want and self.consuming:
+            self.scan_consumer.cancel()
+            self.consuming = False
+
+    def _collect_events(self) -> None:
+        changed = False
+        while True:
+            try:
+                kind, task_id = self.events.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "done":
+                running = self.running.pop(task_id, None)
+                if running is not None and running.shutdown:
+                    self.handbacks.append(running)
+                changed = True
+        if changed:
+            self._update_consumption()
+
+    # ------------------------------------------------------------------ scan messages
+
+    def _on_scan_message(self, message: Any) -> None:
+        raw = RawMessage(
+            body=message.body.decode("utf-8", "replace") if isinstance(message.body, bytes) else message.body,
+            headers=dict(message.headers or {}),
+            properties={
+                "content_type": message.content_type,
+                "content_encoding": message.content_encoding,
+                "correlation_id": message.properties.get("correlation_id"),
+                "reply_to": message.properties.get("reply_to"),
+                "priority": message.properties.get("priority", 0),
+            },
+        )
+        try:
+            self._accept_scan(message, raw)
+        except redis.RedisError as exc:
+            # Without Redis nothing can be recorded: give the message back and stop taking work.
+            log.warning("Redis unavailable while accepting a task (%s); message returned to the queue",
+                        self._describe(exc))
+            message.requeue()
+            self.redis_ok = False
+            self._update_consumption()
+
+    def _accept_scan(self, message: Any, raw: RawMessage) -> None:
+        try:
+            decoded = protocol.decode_task_message(
+                message.headers or {}, message.body, message.content_type, message.content_encoding
+            )
+        except Rejected as exc:
+            task_id = str((message.headers or {}).get("id") or "")[:64]
+            with task_context(task_id=task_id or None):
+                log.error("rejected an undecodable message: %s", exc.reason)
+            if task_id and protocol_id_ok(task_id):
+                self.state.set_status(task_id, TaskState.FAILED, error=f"rejected: {exc.reason}")
+            message.ack()
+            return
+        task_id = decoded.task_id
+        if decoded.name != SCAN_TASK:
+            log.error("task %s on the scan queue is not %s; dropped", decoded.name[:100], SCAN_TASK)
+            message.ack()
+            return
+        data = decoded.args[0] if len(decoded.args) == 1 else None
+        with task_context(task_id=task_id):
+            try:
+                task = parse_task(data)
+            except Rejected as exc:
+                log.error("rejected task: %s", exc.reason)
+                self.state.set_status(task_id, TaskState.FAILED, error=f"rejected: {exc.reason}")
+                self.state.cleanup_partial(task_id, data)
+                message.ack()
+                return
+        with task_context(task_id=task_id, project_id=task.project, target=task.ip):
+            skip = self._skip_reason(task_id)
+            if skip:
+                log.info("not scanning: %s", skip)
+                self.state.cleanup(task_id, task, include_lock=False)
+                self.state.set_status(task_id, TaskState.CANCELLED, error=skip)
+                message.ack()
+                return
+            verdict = self.state.claim(
+                task_id, self.owner, self.settings.lease_ttl, raw.dumps(), self.settings.max_attempts
+            )
+            if verdict == "busy":
+                log.warning("duplicate delivery of a task another worker is running; dropped")
+                message.ack()
+                return
+            if verdict == "poison":
+                reason = f"gave up after {self.settings.max_attempts} attempts: the worker died each time"
+                log.error("%s", reason)
+                self._finish_redis(task_id, task, TaskState.FAILED, error=reason)
+                message.ack()
+                return
+            try:
+                plan = self.engine.prepare(task)
+            except (Rejected, ScanFailed) as exc:
+                reason = exc.reason if isinstance(exc, Rejected) else str(exc)
+                log.error("rejected task: %s", reason)
+                self._finish_redis(task_id, task, TaskState.FAILED, error=f"rejected: {reason}")
+                message.ack()
+                return
+            running = Running(task_id, task, raw)
+            self.running[task_id] = running
+            # Stop consuming before the ack: with prefetch 1, nothing else can arrive in between.
+            self._update_consumption()
+            message.ack()
+            self.state.mark_running(task_id, task, started_at=int(time.time()), worker=self.nodename)
+            self.state.set_status(task_id, TaskState.RECEIVED, worker=self.nodename)
+            log.info("received scan of %s (mode %s, timeout %d s)", task.ip, task.mode.value, task.timeout)
+            self.pool.submit(self._execute, running, plan)
+
+    def _skip_reason(self, task_id: str) -> str | None:
+        if task_id in self.revoked or self.state.is_revoked(task_id):
+            return "revoked before it started"
+        if self.settings.require_task_metadata and not self.state.metadata_exists(task_id):
+            # Tasker deletes the metadata when it stops a project; a redelivered duplicate of a
+            # finished task finds it gone as well.
+            return "Tasker's task metadata is gone (stopped by Tasker, or already finished)"
+        return None
+
+    # ------------------------------------------------------------------ scan threads
+
+    def _execute(self, running: Running, plan: Plan) -> None:
+        task, task_id = running.task, running.task_id
+        with task_context(task_id=task_id, project_id=task.project, target=task.ip):
+            state, error, delivery = TaskState.FAILED, None, None
+            workdir = self.work_root / task_id
+            try:
+                outcome = self.engine.execute(plan, workdir, running.cancel, _Hooks(self, running))
+                delivery = self._store(task_id, task, outcome.report)
+                state = TaskState.COMPLETED
+                error = "; ".join(outcome.notes) or None
+                log.info(
+                    "scan finished: %d open port(s)%s", len(outcome.open_ports), f" ({error})" if error else ""
+                )
+            except Cancelled as exc:
+                state, error = TaskState.CANCELLED, str(exc)
+                log.info("%s", "stopped by shutdown; handing the task back" if running.shutdown else exc)
+            except (Rejected, ScanFailed) as exc:
+                error = exc.reason if isinstance(exc, Rejected) else str(exc)
+                log.error("scan failed: %s", error)
+            except Exception as exc:  # a bug must fail one task, not the worker
+                error = f"internal error: {type(exc).__name__}: {exc}"
+                log.exception("scan failed with an internal error")
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            try:
+                if running.shutdown or running.lease_lost:
+                    # Not ours to finish: the task goes back to the queue (shutdown) or another
+                    # worker owns it now (lease lost). Only our own traces are removed.
+                    self.state.clear_running(task_id)
+                else:
+                    self._finish_redis(task_id, task, state, error=error, delivery=delivery)
+            except redis.RedisError as exc:
+                log.warning("Redis unavailable at the end of the task (%s); cleanup deferred", exc)
+                self._redis_backlog.append((task_id, task, state, error, delivery, running))
+            self.events.put(("done", task_id))
+
+    def _store(self, task_id: str, task: ScanTask, report: Path | None) -> str | None:
+        """Make the result durable before the lease is released (exactly-once hinges on this order)."""
+        if report is None:
+            return "nothing to import"
+        if self.spool is not None:
+            self.spool.put(task_id, report, project=task.project, mode=task.mode.value,
+                           track_history=task.track_history)
+            if self.deliverer:
+                self.deliverer.wake()
+            return "pending"
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        target = self.results_dir / f"{task_id}.xml"
+        shutil.move(str(report), target)
+        return f"stored in {target}"
+
+    def _finish_redis(
+        self, task_id: str, task: ScanTask, state: TaskState, *, error: str | None = None,
+        delivery: str | None = None,
+    ) -> None:
+        extra = {"delivery": delivery} if delivery else {}
+        self.state.cleanup(task_id, task)
+        self.state.set_status(task_id, state, error=error, worker=self.nodename, **extra)
+        self.state.release(task_id, self.owner)
+
+    def _flush_redis_backlog(self) -> None:
+        backlog, self._redis_backlog = self._redis_backlog, []
+        for i, args in enumerate(backlog):
+            try:
+                task_id, task, state, error, delivery, running = args
+                if running.shutdown or running.lease_lost:
+                    self.state.clear_running(task_id)
+                else:
+                    self._finish_redis(task_id, task, state, error=error, delivery=delivery)
+            except redis.RedisError:
+                self._redis_backlog.extend(backlog[i:])
+                self.redis_ok = False
+                return
+
+    # ------------------------------------------------------------------ broadcasts and pidbox
+
+    def _on_broadcast(self, message: Any) -> None:
+        try:
+            decoded = protocol.decode_task_message(
+                message.headers or {}, message.body, message.content_type, message.content_encoding
+            )
+        except Rejected as exc:
+            log.error("rejected an undecodable broadcast: %s", exc.reason)
+            return
+        if decoded.name == CANCEL_TASK:
+            try:
+                ids = parse_cancel(decoded.args[0] if len(decoded.args) == 1 else None)
+            except Rejected as exc:
+                log.error("rejected a cancel broadcast: %s", exc.reason)
+                return
+            self.cancel_tasks(ids, source="cancel broadcast")
+        elif decoded.name == UPDATE_IP_TASK:
+            self.register_ip()
+        else:
+            log.warning("ignored broadcast task %s", decoded.name[:100])
+
+    def cancel_tasks(self, ids: tuple[str, ...] | list[str], *, source: str) -> None:
+        now = time.monotonic()
+        for task_id in ids:
+            self._remember_revoked(task_id, now)
+            running = self.running.get(task_id)
+            if running is not None:
+                running.cancel.set()
+                proc = running.proc
+                if proc is not None:
+                    proc.cancel()  # SIGTERM to the group right now, from this thread
+                with task_context(task_id=task_id, target=running.task.ip):
+                    log.info("cancelled by %s", source)
+        try:
+            self.state.mark_revoked(list(ids))
+        except redis.RedisError as exc:
+            log.warning("could not record revoked ids in Redis: %s", exc)
+
+    def _remember_revoked(self, task_id: str, now: float) -> None:
+        self.revoked[task_id] = now
+        if len(self.revoked) > REVOKED_MEMORY:
+            for old in sorted(self.revoked, key=self.revoked.__getitem__)[: REVOKED_MEMORY // 10]:
+                del self.revoked[old]
+
+    def _pidbox_ping(self, _state: object, **_kwargs: Any) -> dict[str, str]:
+        return {"ok": "pong"}
+
+    def _pidbox_revoke(self, _state: object, task_id: str | list[str] | None = None, **_kwargs: Any) -> dict:
+        ids = [task_id] if isinstance(task_id, str) else [t for t in (task_id or []) if isinstance(t, str)]
+        ids = [t for t in ids if protocol_id_ok(t)]
+        self.cancel_tasks(ids, source="revoke")
+        return {"ok": f"tasks {', '.join(ids)} flagged as revoked"}
+
+    def _pidbox_active(self, _state: object, **_kwargs: Any) -> list[dict[str, Any]]:
+        return [
+            {"id": r.task_id, "name": SCAN_TASK, "hostname": self.nodename, "target": r.task.ip,
+             "phase": r.phase.value if r.phase else "received", "percent": r.percent}
+            for r in self.running.values()
+        ]
+
+    def register_ip(self) -> None:
+        ip = current_ip(self.settings)
+        if ip is None:
+            log.warning("no IP to register: set WORKER_IP (no default route found)")
+            return
+        try:
+            self.state.register_ip(ip)
+            log.info("registered worker IP %s", ip)
+        except redis.RedisError as exc:
+            log.warning("could not register the worker IP: %s", exc)
+
+    # ------------------------------------------------------------------ leases and recovery
+
+    def _heartbeat_leases(self) -> None:
+        ids = [r.task_id for r in self.running.values() if not r.lease_lost]
+        if not ids:
+            return
+        lost = self.state.heartbeat(ids, self.owner, self.settings.lease_ttl)
+        for task_id in lost:
+            running = self.running.get(task_id)
+            if running is not None:
+                # Another worker took the task over (we were frozen past the lease): stop ours.
+                running.lease_lost = True
+                running.cancel.set()
+                if running.proc is not None:
+                    running.proc.cancel()
+                with task_context(task_id=task_id):
+                    log.warning("lease lost to another worker; stopping this copy of the scan")
+        for r in self.running.values():
+            self.state.refresh_lock(r.task, ttl=self.settings.lease_ttl * 3)
+
+    def _recover_expired(self) -> None:
+        for task_id in self.state.expired(time.time()):
+            if task_id in self.running:
+                continue
+            self._republish_lease(task_id, owner_hint=None)
+
+    def _startup_recovery_once(self) -> None:
+        """Tasks this instance owned when it died: deliver what was stored, re-queue the rest."""
+        if self._recovered:
+            return
+        self._recovered = True
+        for task_id in self.state.owned_by(self.owner):
+            stored = (self.spool is not None and self.spool.has(task_id)) or (
+                self.results_dir / f"{task_id}.xml"
+            ).exists()
+            if stored:
+                raw = self.state.lease_message(task_id)
+                task = self._task_from_raw(raw)
+                with task_context(task_id=task_id):
+                    log.info("result of a task interrupted after its scan is stored; finishing it")
+                if task is not None:
+                    self._finish_redis(task_id, task, TaskState.COMPLETED, delivery="pending")
+                else:
+                    self.state.release(task_id, self.owner)
+            else:
+                self._republish_lease(task_id, owner_hint=self.owner)
+
+    def _republish_lease(self, task_id: str, owner_hint: str | None) -> None:
+        text = self.state.reclaim(task_id, owner_hint, time.time())
+        if text is None:
+            return
+        self._pending_republish.append((task_id, RawMessage.loads(text)))
+
+    def _send_handbacks(self) -> None:
+        if self.conn is None or not self.broker_ok:
+            return
+        while self.handbacks:
+            running = self.handbacks.pop()
+            self._publish(running.raw)
+            try:
+                self.state.release(running.task_id, self.owner)
+                self.state.set_status(running.task_id, TaskState.QUEUED, error="handed back at shutdown")
+            except redis.RedisError as exc:
+                log.warning("could not release the lease of a handed-back task: %s", exc)
+        while self._pending_republish:
+            task_id, raw = self._pending_republish.pop()
+            with task_context(task_id=task_id):
+                log.warning("re-queueing a task whose worker died")
+            self._publish(raw)
+
+    def _publish(self, raw: RawMessage) -> None:
+        props = raw.properties
+        self.producer.publish(
+            raw.body.encode("utf-8"),
+            exchange=self.scan_exchange,
+            routing_key=self.settings.nmap_scan_routing_key,
+            headers=raw.headers,
+            content_type=props.get("content_type") or "application/json",
+            content_encoding=props.get("content_encoding") or "utf-8",
+            correlation_id=props.get("correlation_id"),
+            reply_to=props.get("reply_to"),
+            priority=props.get("priority") or 0,
+            delivery_mode=2,
+            declare=[self.scan_queue],
+            retry=True,
+        )
+
+    def _task_from_raw(self, text: str | None) -> ScanTask | None:
+        if not text:
+            return None
+        raw = RawMessage.loads(text)
+        try:
+            decoded = protocol.decode_task_message(
+                raw.headers, raw.body.encode("utf-8"), raw.properties.get("content_type") or "application/json",
+                raw.properties.get("content_encoding") or "utf-8",
+            )
+            return parse_task(decoded.args[0])
+        except (Rejected, IndexError):
+            return None
+
+    def _kill_orphans(self) -> None:
+        """nmap groups left by a killed predecessor (outside systemd nobody else stops them)."""
+        for record in self.work_root.glob("*/phase*/nmap.pid"):
+            if runner.kill_orphan(record):
+                log.warning("stopped an nmap left running by a previous instance (%s)", record.parent)
+        shutil.rmtree(self.work_root, ignore_errors=True)
+        self.work_root.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ stop
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        self.notifier.status("stopping")
+        for running in list(self.running.values()):
+            running.shutdown = True
+            running.cancel.set()
+            if running.proc is not None:
+                running.proc.cancel()
+        self.pool.shutdown(wait=True)
+        self._collect_events()
+        if self.handbacks or self._pending_republish:
+            try:
+                self._connect_for_handback()
+                self._send_handbacks()
+            except Exception as exc:
+                # The leases stay: the next start of this instance (or another instance once they
+                # expire) re-queues these tasks, so nothing is lost.
+                log.warning("could not hand tasks back now (%s); they are recovered from Redis later", exc)
+            finally:
+                self._drop_connection()
+        if self.deliverer:
+            self.deliverer.stop(timeout=5.0)
+        log.info("stopped")
+
+    def _connect_for_handback(self) -> None:
+        if self.conn is None:
+            self._connect_publish_only()
+
+    def _connect_publish_only(self) -> None:
+        s = self.settings
+        self.conn = Connection(broker_url(s), connect_timeout=5)
+        self.conn.ensure_connection(max_retries=2)
+        channel = self.conn.channel()
+        self.scan_exchange = Exchange(s.exchange_name, type=s.exchange_type, durable=True)
+        self.scan_queue = Queue(
+            s.nmap_scan_queue_name, exchange=self.scan_exchange, routing_key=s.nmap_scan_routing_key, durable=True
+        )
+        self.producer = Producer(channel)
+        self.broker_ok = True
+
+
+def protocol_id_ok(task_id: str) -> bool:
+    from falcoria_worker.model import valid_task_id
+
+    return valid_task_id(task_id)
+
+
+class _Hooks:
+    """Pipeline hooks of one task: Redis status and PID, and the loop's STATUS line."""
+
+    def __init__(self, worker: Worker, running: Running) -> None:
+        self.worker = worker
+        self.running = running
+
+    def phase(self, phase: Phase, detail: str) -> None:
+        self.running.phase, self.running.detail, self.running.percent = phase, detail, None
+        self._status(TaskState(phase.value))
+
+    def progress(self, phase: Phase, percent: float) -> None:
+        self.running.percent = percent
+        now = time.monotonic()
+        if now - self.running.last_progress_write >= PROGRESS_WRITE_INTERVAL:
+            self.running.last_progress_write = now
+            self._status(TaskState(phase.value), percent=round(percent, 1))
+
+    def nmap_started(self, phase: Phase, proc: NmapProcess) -> None:
+        self.running.proc = proc
+        if self.running.cancel.is_set():
+            proc.cancel()  # a cancel that raced the start
+        try:
+            self.worker.state.set_pid(self.running.task_id, proc.pid)
+        except redis.RedisError as exc:
+            log.debug("PID not recorded: %s", exc)
+
+    def nmap_finished(self, phase: Phase) -> None:
+        self.running.proc = None
+        try:
+            self.worker.state.clear_pid(self.running.task_id)
+        except redis.RedisError as exc:
+            log.debug("PID not cleared: %s", exc)
+
+    def _status(self, state: TaskState, **extra: Any) -> None:
+        phase = self.running.phase.value if self.running.phase else None
+        try:
+            self.worker.state.set_status(self.running.task_id, state, phase=phase, **extra)
+        except redis.RedisError as exc:
+            log.debug("status not written: %s", exc)
+
+
+def on_delivered(state: RedisState, entry: SpoolEntry, error: str | None) -> None:
+    """Deliverer callback: record the upload's outcome on the task's status."""
+    try:
+        if error is None:
+            state.mark_delivered(entry.task_id)
+            state.set_status_fields(entry.task_id, delivery="delivered")
+        else:
+            state.set_status_fields(entry.task_id, delivery=f"refused by ScanLedger: {error}")
+    except redis.RedisError as exc:
+        log.warning("could not record the delivery of %s: %s", entry.task_id, exc)
