@@ -1,0 +1,32 @@
+# One entry point per job; CI runs `make test` through .ci/run (scripts/test).
+.PHONY: help quickstart venv check test test-unit deb bench
+
+help:
+	@echo "make quickstart  install what is needed and scan two local services (Debian 12, root)"
+	@echo "make test        install what the tests need and run the whole suite (root)"
+	@echo "make test-unit   unit tests only (no services, no root)"
+	@echo "make check       ruff lint and format check"
+	@echo "make deb         build the Debian package (dh-virtualenv) into _build/"
+	@echo "make bench       run the benchmarks and append results to docs/benchmarks.md"
+
+quickstart:
+	scripts/quickstart
+
+venv:
+	scripts/venv test
+
+check: venv
+	.venv/bin/ruff check falcoria_worker tests bench
+	.venv/bin/ruff format --check falcoria_worker tests bench
+
+test:
+	scripts/test
+
+test-unit: venv
+	.venv/bin/python -m pytest tests/unit
+
+deb:
+	scripts/build-deb
+
+bench:
+	scripts/bench
