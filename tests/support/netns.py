@@ -1,1 +1,225 @@
-"""Placeholder: filled in by its owner."""
+"""Scan targets in network namespaces on a private bridge (10.250.<n>.0/24), created per test session.
+
+Hosts (see platform-notes §5):
+  services   real listeners: HTTP (python -m http.server), an SSH-like banner, an FTP-like banner
+  allopen    nftables redirects every TCP port to one listener, so all 65,535 ports answer "open"
+  blackhole  nftables drops all inbound TCP/UDP, so nmap waits on timeouts (slow scans on demand)
+
+Names carry the pytest PID ("fwrn<pid>..."), so a later session removes what a crashed one left
+behind and leaves alone the lab of a session that still runs. Needs root; tests that use it skip
+otherwise. Only addresses inside 10.250.0.0/16 are ever created here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+PREFIX = "fwrn"  # falcoria-worker runner netns; interface names: fwrn<pid>b / fwrn<pid><host letter>
+REPO_ROOT = Path(__file__).resolve().parents[2]
+READY_TIMEOUT = 10.0
+SSH_BANNER = "SSH-2.0-OpenSSH_8.9p1 Ubuntu-3ubuntu0.6"
+FTP_BANNER = "220 (vsFTPd 3.0.3)"
+ALLOPEN_PORT = 7777
+
+
+@dataclass(frozen=True)
+class Target:
+    netns: str
+    ip: str
+    ports: dict[int, str] = field(default_factory=dict)  # open port -> what listens there
+
+
+@dataclass(frozen=True)
+class NetnsLab:
+    bridge: str
+    host_ip: str  # the host's address on the bridge
+    services: Target
+    allopen: Target
+    blackhole: Target
+
+
+def _run(*cmd: str, stdin: str | None = None) -> None:
+    subprocess.run(cmd, input=stdin, text=True, check=True, capture_output=True)
+
+
+def _quiet(*cmd: str) -> None:
+    subprocess.run(cmd, text=True, check=False, capture_output=True)
+
+
+def _output(*cmd: str) -> str:
+    return subprocess.run(cmd, text=True, check=True, capture_output=True).stdout
+
+
+def _owner_alive(name: str) -> bool:
+    match = re.match(rf"{PREFIX}(\d+)", name)
+    return match is None or Path(f"/proc/{match.group(1)}").exists()
+
+
+def _delete_netns(name: str) -> None:
+    # Listeners inside hold nothing the namespace needs, but killing them first avoids orphans.
+    for pid in _output("ip", "netns", "pids", name).split():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    _quiet("ip", "netns", "del", name)
+
+
+def remove_leftovers() -> None:
+    """Delete namespaces and links of earlier sessions whose pytest process is gone."""
+    for line in _output("ip", "netns", "list").splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if name.startswith(PREFIX) and not _owner_alive(name):
+            _delete_netns(name)
+    for name in re.findall(r"^\d+: ([^:@]+)", _output("ip", "-o", "link", "show"), flags=re.M):
+        if name.startswith(PREFIX) and not _owner_alive(name):
+            _quiet("ip", "link", "del", name)
+
+
+def _free_subnet() -> int:
+    used = {int(m) for m in re.findall(r"inet 10\.250\.(\d+)\.", _output("ip", "-o", "-4", "addr", "show"))}
+    # Start at a PID-derived offset so parallel sessions rarely pick the same subnet.
+    for i in range(150):
+        octet = 100 + (os.getpid() + i) % 150
+        if octet not in used:
+            return octet
+    raise RuntimeError("no free 10.250.<n>.0/24 subnet for the netns lab")
+
+
+class _Lab:
+    """Builds the lab step by step and records what it created, so close() undoes exactly that."""
+
+    def __init__(self, tag: str, octet: int) -> None:
+        self.tag = tag
+        self.octet = octet
+        self.bridge = f"{tag}b"
+        self.namespaces: list[str] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def ip(self, host: int) -> str:
+        return f"10.250.{self.octet}.{host}"
+
+    def add_bridge(self) -> None:
+        _run("ip", "link", "add", self.bridge, "type", "bridge")
+        _run("ip", "addr", "add", f"{self.ip(1)}/24", "dev", self.bridge)
+        _run("ip", "link", "set", self.bridge, "up")
+
+    def add_host(self, role: str, letter: str, host: int, nft_rules: str | None = None) -> str:
+        netns, veth = f"{self.tag}-{role}", f"{self.tag}{letter}"
+        _run("ip", "netns", "add", netns)
+        self.namespaces.append(netns)
+        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        _run("ip", "link", "set", veth, "master", self.bridge, "up")
+        _run("ip", "-n", netns, "addr", "add", f"{self.ip(host)}/24", "dev", "eth0")
+        _run("ip", "-n", netns, "link", "set", "eth0", "up")
+        _run("ip", "-n", netns, "link", "set", "lo", "up")
+        if nft_rules is not None:
+            _run("ip", "netns", "exec", netns, "nft", "-f", "-", stdin=nft_rules)
+        return netns
+
+    def start(self, netns: str, *argv: str) -> None:
+        self.processes.append(
+            subprocess.Popen(
+                ["ip", "netns", "exec", netns, *argv],
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+
+    def listener(self, netns: str, port: int, banner: str = "") -> None:
+        self.start(
+            netns, sys.executable, "-m", "tests.support.listeners", "--port", str(port), "--banner", banner
+        )
+
+    def close(self) -> None:
+        for proc in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for netns in self.namespaces:
+            _delete_netns(netns)  # also removes the veth pair
+        _quiet("ip", "link", "del", self.bridge)
+
+
+def wait_listening(ip: str, port: int, timeout: float = READY_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((ip, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+
+
+ALLOPEN_RULES = f"""
+table ip allopen {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        tcp dport 1-65535 redirect to :{ALLOPEN_PORT}
+    }}
+}}
+"""
+
+BLACKHOLE_RULES = """
+table inet blackhole {
+    chain input {
+        type filter hook input priority filter; policy accept;
+        meta l4proto { tcp, udp } drop
+    }
+}
+"""
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    missing = [tool for tool in ("ip", "nft") if shutil.which(tool) is None]
+    return f"missing tools: {', '.join(missing)}" if missing else None
+
+
+@pytest.fixture(scope="session")
+def netns_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsLab]:
+    reason = _skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    remove_leftovers()
+    lab = _Lab(f"{PREFIX}{os.getpid()}", _free_subnet())
+    try:
+        lab.add_bridge()
+        services = lab.add_host("services", "s", 2)
+        allopen = lab.add_host("allopen", "a", 3, ALLOPEN_RULES)
+        blackhole = lab.add_host("blackhole", "h", 4, BLACKHOLE_RULES)
+        docroot = tmp_path_factory.mktemp("http")
+        (docroot / "index.html").write_text("<html><title>falcoria test</title></html>\n")
+        lab.start(services, sys.executable, "-m", "http.server", "80", "--directory", str(docroot))
+        lab.listener(services, 22, SSH_BANNER)
+        lab.listener(services, 21, FTP_BANNER)
+        lab.listener(allopen, ALLOPEN_PORT)
+        for port in (80, 22, 21):
+            wait_listening(lab.ip(2), port)
+        wait_listening(lab.ip(3), 4242)  # any port: proves the redirect as well as the listener
+        yield NetnsLab(
+            bridge=lab.bridge,
+            host_ip=lab.ip(1),
+            services=Target(services, lab.ip(2), {21: "ftp", 22: "ssh", 80: "http"}),
+            allopen=Target(allopen, lab.ip(3), {ALLOPEN_PORT: "listener behind the redirect"}),
+            blackhole=Target(blackhole, lab.ip(4)),
+        )
+    finally:
+        lab.close()

@@ -1,0 +1,67 @@
+"""TCP listeners that scan targets can run: `python -m tests.support.listeners --port P --banner B`.
+
+A SYN scan resets half-open connections and -sV probes hang up mid-exchange; a listener whose handler
+let that OSError escape would lose the port (it flaps to "closed"). Every per-connection error is
+swallowed here, and the accept loop of socketserver already survives failed accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import socketserver
+import threading
+
+READ_TIMEOUT = 10.0  # a client that sends nothing is dropped after this long
+
+
+class _BannerHandler(socketserver.BaseRequestHandler):
+    server: BannerServer
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        try:
+            sock.settimeout(READ_TIMEOUT)
+            if self.server.banner:
+                sock.sendall(self.server.banner)
+            # Read (and ignore) until the client hangs up, like a server waiting for a command.
+            while sock.recv(4096):
+                pass
+        except OSError:
+            pass
+
+
+class BannerServer(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+    request_queue_size = 4096  # a connect scan opens connections faster than one accept thread drains
+
+    def __init__(self, host: str, port: int, banner: bytes) -> None:
+        self.banner = banner
+        super().__init__((host, port), _BannerHandler)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Resets are the normal case under a scan: no traceback per connection."""
+
+
+def serve_in_thread(host: str, port: int, banner: bytes = b"") -> BannerServer:
+    """Start a listener in this process (e.g. on a loopback alias such as 127.0.0.5); call shutdown()
+    and server_close() on the result to stop it."""
+    server = BannerServer(host, port, banner)
+    threading.Thread(target=server.serve_forever, name=f"listener-{host}:{port}", daemon=True).start()
+    return server
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--banner", default="", help="sent on connect, followed by CRLF")
+    args = parser.parse_args()
+    banner = (args.banner + "\r\n").encode() if args.banner else b""
+    with BannerServer(args.host, args.port, banner) as server:
+        server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
