@@ -37,7 +37,9 @@ STDOUT_FILE = "nmap.stdout"
 STDERR_FILE = "nmap.stderr"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-_PROGRESS = re.compile(r"\bAbout (\d{1,3}(?:\.\d+)?)% done")
+# "<phase> Timing: About 37.50% done; ETC: ...". Anchored, with no ":" or "|" before " Timing", so a
+# banner that a target echoes into stdout (SF: fingerprint lines, NSE "|" output) cannot fake progress.
+_PROGRESS = re.compile(r"^[A-Za-z][A-Za-z0-9 .-]* Timing: About (\d{1,3}(?:\.\d+)?)% done")
 
 
 @dataclass(frozen=True)
