@@ -15,6 +15,7 @@ the parser and never written.
 from __future__ import annotations
 
 import ipaddress
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,9 +46,10 @@ _NOT_HEADER = frozenset({*_HOST_TAIL_ORDER, "ports", *_DROPPED})  # what the hos
 _PROTO_RANK = {"tcp": 0, "udp": 1, "sctp": 2, "ip": 3}
 _ATTR_ENTITIES = {'"': "&quot;", "\n": "&#10;", "\r": "&#13;", "\t": "&#9;"}
 _EVENTS = ("start", "end")
+_MAX_DEPTH = 4  # nmaprun > host > ports > port: the deepest level any function here looks at
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: 65,535 rows must stay small
 class PortRow:
     protocol: str
     portid: int
@@ -123,7 +125,9 @@ def summary(xml_path: Path) -> list[PortRow]:
 
 
 def _walk(xml_path: Path, what: str) -> Iterator[tuple[int, str, ET.Element]]:
-    """iterparse with each element's depth (root = 1). Malformed XML becomes ScanFailed naming `what`.
+    """iterparse events of the elements at depth 1..4 (root = 1: nmaprun, host, ports, port), with
+    their depth; deeper ones (service, script, ...) are only built, which keeps the Python work per
+    port small. Malformed XML becomes ScanFailed naming `what`.
 
     After its end event, a top-level child and a child of <ports> is detached from its parent, so the
     tree never holds more than one host's non-port elements plus the port being handled.
@@ -136,11 +140,14 @@ def _walk(xml_path: Path, what: str) -> Iterator[tuple[int, str, ET.Element]]:
             if event == "start":
                 stack.append(elem)
                 _require_nmaprun(elem, len(stack), what)
-                yield len(stack), event, elem
+                if len(stack) <= _MAX_DEPTH:
+                    yield len(stack), event, elem
                 continue
             depth = len(stack)
-            yield depth, event, elem
             stack.pop()
+            if depth > _MAX_DEPTH:
+                continue
+            yield depth, event, elem
             if depth == 2 or (depth == 4 and stack[-1].tag == "ports"):
                 stack[-1].remove(elem)
     except ET.ParseError as exc:
@@ -184,11 +191,13 @@ def _port_row(port: ET.Element) -> PortRow:
     state = port.find("state")
     service = port.find("service")
     svc = service.attrib if service is not None else {}
+    # The parser makes a new string per attribute; interning the few distinct protocol, state and
+    # service names keeps 65,535 rows small.
     return PortRow(
-        protocol=port.get("protocol", ""),
+        protocol=sys.intern(port.get("protocol", "")),
         portid=int(port.get("portid", "0")),
-        state=state.get("state", "") if state is not None else "",
-        service=svc.get("name", ""),
+        state=sys.intern(state.get("state", "") if state is not None else ""),
+        service=sys.intern(svc.get("name", "")),
         product=svc.get("product", ""),
         version=svc.get("version", ""),
     )
@@ -207,15 +216,39 @@ def _fix_keyless_elems(elem: ET.Element) -> None:
 
 
 def _dump(elem: ET.Element) -> bytes:
-    """Sanitised serialization of one element, one per line."""
+    """Sanitised serialization of one element, one per line.
+
+    Hand-written because ElementTree.tostring costs twice as much per port (namespace scan, codec
+    writer per call); nmap's XML has no namespaces, comments or PIs inside elements.
+    """
     _fix_keyless_elems(elem)
     elem.tail = "\n"
-    return ET.tostring(elem, encoding="utf-8", xml_declaration=False)
+    parts: list[str] = []
+    _serialize(elem, parts)
+    return "".join(parts).encode()
+
+
+def _serialize(elem: ET.Element, parts: list[str]) -> None:
+    parts.append(f"<{elem.tag}{_attrs(elem.attrib)}")
+    if elem.text or len(elem):
+        parts.append(">")
+        if elem.text:
+            parts.append(escape(elem.text))
+        for child in elem:
+            _serialize(child, parts)
+        parts.append(f"</{elem.tag}>")
+    else:
+        parts.append("/>")
+    if elem.tail:
+        parts.append(escape(elem.tail))
+
+
+def _attrs(attrib: dict[str, str]) -> str:
+    return "".join(f' {name}="{escape(value, _ATTR_ENTITIES)}"' for name, value in attrib.items())
 
 
 def _start_tag(tag: str, attrib: dict[str, str]) -> bytes:
-    attrs = "".join(f' {name}="{escape(value, _ATTR_ENTITIES)}"' for name, value in attrib.items())
-    return f"<{tag}{attrs}>\n".encode()
+    return f"<{tag}{_attrs(attrib)}>\n".encode()
 
 
 def _hostname_key(elem: ET.Element) -> str:
