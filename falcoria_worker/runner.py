@@ -28,7 +28,7 @@ from .errors import ScanFailed
 # How often the wait loop checks the cancel Event, the deadline and the stdout file. Exit of nmap
 # and NmapProcess.cancel() do not wait for it: the first wakes the loop via a pidfd, the second
 # signals from the caller's thread.
-POLL_INTERVAL = 0.05
+POLL_INTERVAL = 0.02
 STDERR_TAIL_BYTES = 2048
 # A stdout "line" longer than this is not a progress line; dropping it bounds memory.
 MAX_LINE = 64 * 1024
@@ -224,40 +224,28 @@ def run_nmap(
         raise ScanFailed(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
 
     proc = NmapProcess(popen.pid)
-    tail = _StdoutTail(stdout_path)
-    pidfd = os.pidfd_open(popen.pid)
     stopped_by: str | None = None
     try:
-        _write_record(record_path, popen.pid, argv)
-        if on_start is not None:
-            on_start(proc)
-        deadline = started + timeout
-        killed = False
-        while not _leader_exited(popen.pid):
-            if on_progress is not None:
-                _report_progress(tail, on_progress)
-            now = time.monotonic()
-            if stopped_by is None:
-                if proc.cancel_requested or (cancel is not None and cancel.is_set()):
-                    stopped_by = "cancel"
-                elif now >= deadline:
-                    stopped_by = "timeout"
-                if stopped_by is not None:
-                    proc._signal_group(signal.SIGTERM)
-            term_at = proc._terminate_sent_at()
-            if not killed and term_at is not None and now >= term_at + kill_grace:
-                proc._signal_group(signal.SIGKILL)
-                killed = True
-            # Wakes at once when nmap exits (the pidfd becomes readable), else after one poll.
-            select.select([pidfd], [], [], POLL_INTERVAL)
-        if on_progress is not None:
-            _report_progress(tail, on_progress)
+        with contextlib.ExitStack() as stack:
+            pidfd = os.pidfd_open(popen.pid)
+            stack.callback(os.close, pidfd)
+            tail = stack.enter_context(contextlib.closing(_StdoutTail(stdout_path)))
+            _write_record(record_path, popen.pid, argv)
+            if on_start is not None:
+                on_start(proc)
+            stopped_by = _supervise(
+                proc,
+                pidfd,
+                tail,
+                started + timeout,
+                cancel=cancel,
+                on_progress=on_progress,
+                kill_grace=kill_grace,
+            )
     finally:
-        # Any path out (normal exit, or a callback that raised) leaves no nmap behind: _reap
-        # SIGKILLs the group before it waits.
+        # Any way out (nmap's exit, or a callback or a syscall that raised) leaves no nmap behind:
+        # _reap SIGKILLs the group before it waits.
         returncode = proc._reap(popen)
-        os.close(pidfd)
-        tail.close()
         record_path.unlink(missing_ok=True)
     if proc.cancel_requested and stopped_by is None:
         stopped_by = "cancel"  # cancel() raced nmap's own exit: the caller asked to stop, honour it
@@ -268,6 +256,41 @@ def run_nmap(
         duration=time.monotonic() - started,
         stderr_tail=_stderr_tail(stderr_path),
     )
+
+
+def _supervise(
+    proc: NmapProcess,
+    pidfd: int,
+    tail: _StdoutTail,
+    deadline: float,
+    *,
+    cancel: threading.Event | None,
+    on_progress: Callable[[float], None] | None,
+    kill_grace: float,
+) -> str | None:
+    """Waits until the leader exits (left unreaped); returns "cancel", "timeout" or None (ran to its end)."""
+    stopped_by: str | None = None
+    killed = False
+    while not _leader_exited(proc.pid):
+        if on_progress is not None:
+            _report_progress(tail, on_progress)
+        now = time.monotonic()
+        if stopped_by is None:
+            if proc.cancel_requested or (cancel is not None and cancel.is_set()):
+                stopped_by = "cancel"
+            elif now >= deadline:
+                stopped_by = "timeout"
+            if stopped_by is not None:
+                proc._signal_group(signal.SIGTERM)
+        term_at = proc._terminate_sent_at()
+        if not killed and term_at is not None and now >= term_at + kill_grace:
+            proc._signal_group(signal.SIGKILL)
+            killed = True
+        # Wakes at once when nmap exits (the pidfd becomes readable), else after one poll.
+        select.select([pidfd], [], [], POLL_INTERVAL)
+    if on_progress is not None:
+        _report_progress(tail, on_progress)
+    return stopped_by
 
 
 def _report_progress(tail: _StdoutTail, on_progress: Callable[[float], None]) -> None:

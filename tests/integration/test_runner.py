@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from falcoria_worker.errors import ScanFailed
 from falcoria_worker.runner import (
     PID_RECORD,
     STDOUT_FILE,
@@ -360,3 +361,35 @@ def test_without_the_capability_nobody_has_no_raw_sockets(netns_lab: NetnsLab, n
     assert (result["raw"], result["privileged"]) == ("none", False)
     assert result["returncode"] != 0
     assert "QUITTING!" in str(result["stderr"]), result  # nmap's reason reaches stderr_tail
+
+
+def test_a_failing_callback_still_kills_and_reaps_nmap(netns_lab: NetnsLab, tmp_path: Path) -> None:
+    pids: list[int] = []
+
+    def on_start(proc: NmapProcess) -> None:
+        pids.append(proc.pid)
+        raise RuntimeError("caller broke")
+
+    with pytest.raises(RuntimeError, match="caller broke"):
+        run_nmap(
+            [NMAP, *SLOW_SCAN, "-oX", str(tmp_path / "f.xml"), "--", netns_lab.blackhole.ip],
+            workdir=tmp_path,
+            timeout=120,
+            on_start=on_start,
+        )
+    assert group_dies(pids[0])
+    assert not (tmp_path / PID_RECORD).exists()
+
+
+def test_nmap_that_cannot_start_is_a_scan_failure(tmp_path: Path) -> None:
+    with pytest.raises(ScanFailed, match="cannot start /nonexistent/nmap"):
+        run_nmap(["/nonexistent/nmap", "-sT", "127.0.0.1"], workdir=tmp_path, timeout=5)
+
+
+def test_nmap_gets_no_inherited_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's environment may hold RABBITMQ_PASSWORD and the ScanLedger token."""
+    monkeypatch.setenv("WORKER_BACKEND_TOKEN", "s3cret")
+    run = run_nmap(["env"], workdir=tmp_path, timeout=10)
+    assert run.returncode == 0
+    names = {line.split("=", 1)[0] for line in (tmp_path / STDOUT_FILE).read_text().splitlines()}
+    assert names == {"PATH", "LANG"}
