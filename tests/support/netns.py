@@ -70,7 +70,8 @@ def _owner_alive(name: str) -> bool:
 
 def _delete_netns(name: str) -> None:
     # Listeners inside hold nothing the namespace needs, but killing them first avoids orphans.
-    for pid in _output("ip", "netns", "pids", name).split():
+    pids = subprocess.run(("ip", "netns", "pids", name), text=True, check=False, capture_output=True).stdout
+    for pid in pids.split():
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGKILL)
     _quiet("ip", "netns", "del", name)
