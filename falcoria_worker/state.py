@@ -1,0 +1,387 @@
+"""Redis: Tasker's tracking keys (contract §3), the task status, nmap PIDs, cleanup, revoke/delivery markers,
+the worker IP, and the leases of the consumer loop. Every method is one round trip (a MULTI/EXEC pipeline
+or a Lua script), so a half-applied change is never visible to Tasker or to another instance.
+
+Leases (`fw:lease:{id}` HASH + `fw:leases` ZSET of deadlines). An instance claims a task before it acks the
+message; the lease holds the raw message, so a task whose worker dies is re-published from Redis, not lost:
+
+    (absent) --claim--> held(owner, deadline, attempts=1) --heartbeat--> held(deadline extended)
+    held --release(owner)--> (absent)                        the task is finished
+    held, deadline passed or owner restarting --reclaim--> released (message returned for re-publishing)
+    released or expired --claim--> held(attempts+1), or poison once attempts > max_attempts
+
+Deadlines are unix seconds from the caller's clock: instances sharing a Redis need clocks that agree to
+well within LEASE_TTL (NTP). Tests pass `now` explicitly instead of waiting for time to pass.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import redis
+
+from falcoria_worker import keys
+from falcoria_worker.config import Settings, redis_kwargs
+from falcoria_worker.model import ScanTask
+
+ClaimResult = Literal["claimed", "busy", "poison"]
+
+# KEYS: lease, leases-zset. ARGV: task_id, owner, now, ttl, message, max_attempts, retention.
+# A live lease of anyone (us included: a duplicate delivery of a task we run) makes the message a
+# duplicate; an expired or released one is a redelivery and counts an attempt.
+_CLAIM = """
+local state = redis.call('HGET', KEYS[1], 'state')
+local now = tonumber(ARGV[3])
+if state == 'held' and tonumber(redis.call('HGET', KEYS[1], 'deadline')) > now then
+  return 'busy'
+end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') + 1
+if attempts > tonumber(ARGV[6]) then
+  redis.call('HSET', KEYS[1], 'state', 'poison', 'owner', ARGV[2], 'attempts', attempts)
+  redis.call('HDEL', KEYS[1], 'deadline')
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[7])
+  return 'poison'
+end
+local deadline = now + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'state', 'held', 'owner', ARGV[2], 'deadline', deadline,
+           'attempts', attempts, 'message', ARGV[5])
+redis.call('ZADD', KEYS[2], deadline, ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+return 'claimed'
+"""
+
+# KEYS: leases-zset, lease keys... ARGV: owner, now, ttl, task ids (same order as the lease keys).
+_HEARTBEAT = """
+local deadline = tonumber(ARGV[2]) + tonumber(ARGV[3])
+local lost = {}
+for i = 2, #KEYS do
+  local id = ARGV[i + 2]
+  local owner, state = unpack(redis.call('HMGET', KEYS[i], 'owner', 'state'))
+  if owner == ARGV[1] and state == 'held' then
+    redis.call('HSET', KEYS[i], 'deadline', deadline)
+    redis.call('ZADD', KEYS[1], deadline, id)
+  else
+    table.insert(lost, id)
+  end
+end
+return lost
+"""
+
+# KEYS: lease, leases-zset. ARGV: task_id, owner. Only the owner finishes a lease (a poison one included).
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS: lease, leases-zset. ARGV: task_id, now, owner_hint ('' for none).
+_RECLAIM = """
+local owner, state, deadline = unpack(redis.call('HMGET', KEYS[1], 'owner', 'state', 'deadline'))
+if state ~= 'held' then
+  return false
+end
+if tonumber(deadline) > tonumber(ARGV[2]) and (ARGV[3] == '' or owner ~= ARGV[3]) then
+  return false
+end
+redis.call('HSET', KEYS[1], 'state', 'released')
+redis.call('HDEL', KEYS[1], 'owner', 'deadline')
+redis.call('ZREM', KEYS[2], ARGV[1])
+return redis.call('HGET', KEYS[1], 'message')
+"""
+
+# KEYS: leases-zset. ARGV: owner, lease key prefix. Only start-up recovery calls it, and only the leases
+# in the index (held ones) can belong to anybody.
+_OWNED_BY = """
+local ids = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if redis.call('HGET', ARGV[2] .. id, 'owner') == ARGV[1] then
+    table.insert(ids, id)
+  end
+end
+return ids
+"""
+
+# KEYS: lock. ARGV: ttl. Tasker's lock (timeout+10 s from enqueue) can run out while a scan is still
+# running, after which insert mode queues the same target again; extend it, never shorten it, and never
+# create it (a stopped project deleted it on purpose).
+_REFRESH_LOCK = """
+local left = redis.call('TTL', KEYS[1])
+if left >= 0 and left < tonumber(ARGV[1]) then
+  return redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """The worker's Redis client: text replies, and timeouts so that a dead Redis cannot hang the loop."""
+    return redis.Redis(
+        **redis_kwargs(settings),  # type: ignore[arg-type]
+        decode_responses=True,
+        socket_timeout=10,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+    )
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisState:
+    def __init__(
+        self, client: redis.Redis, hostname: str, *, status_ttl: int, marker_ttl: int | None = None
+    ) -> None:
+        self.r = client
+        self.hostname = hostname
+        self.status_ttl = status_ttl
+        # Revoke/delivery markers and idle leases must outlive any queue wait; a week by default.
+        self.marker_ttl = marker_ttl if marker_ttl is not None else status_ttl
+        self._claim = client.register_script(_CLAIM)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._release = client.register_script(_RELEASE)
+        self._reclaim = client.register_script(_RECLAIM)
+        self._owned_by = client.register_script(_OWNED_BY)
+        self._refresh_lock = client.register_script(_REFRESH_LOCK)
+
+    def ping(self) -> None:
+        self.r.ping()
+
+    # ------------------------------------------------------------------ Tasker's keys
+
+    def mark_running(self, task_id: str, task: ScanTask, started_at: int, worker: str | None = None) -> None:
+        """RPUSH the RunningNmapTarget that Tasker's status lists (its `worker` is free text upstream).
+        The list is emptied first: a redelivered task on the same host must still count as one."""
+        entry = {
+            "ip": task.ip,
+            "hostnames": list(task.hostnames),
+            "worker": worker or self.hostname,
+            "started_at": int(started_at),
+        }
+        key = keys.running_task_key(task_id, self.hostname)
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.rpush(key, json.dumps(entry))
+            pipe.execute()
+
+    def set_pid(self, task_id: str, pid: int) -> None:
+        # Under the name the upstream cancel task reads, so a mixed fleet still cancels by PID.
+        self.r.hset(keys.pid_hash_key(self.hostname), task_id, pid)
+
+    def clear_pid(self, task_id: str) -> None:
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.hdel(keys.pid_hash_key(self.hostname), task_id)
+            pipe.hdel(keys.legacy_pid_hash_key(self.hostname), task_id)
+            pipe.execute()
+
+    def clear_running(self, task_id: str) -> None:
+        """Remove only this instance's traces of a task (running entry, PIDs): for a task handed back to
+        the queue or taken over by another instance, whose Tasker keys must stay."""
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.running_task_key(task_id, self.hostname))
+            pipe.hdel(keys.pid_hash_key(self.hostname), task_id)
+            pipe.hdel(keys.legacy_pid_hash_key(self.hostname), task_id)
+            pipe.execute()
+
+    def cleanup(self, task_id: str, task: ScanTask, *, include_lock: bool = True) -> None:
+        """The upstream worker's cleanup (contract §3) in one MULTI/EXEC, after every outcome: Tasker's
+        status drops the task, and insert mode accepts the target again.
+
+        include_lock=False leaves the lock alone: for a task Tasker stopped, the lock of the same
+        project/ip/ports may already belong to a newer task."""
+        self._cleanup(
+            task_id,
+            project=task.project,
+            user_id=task.user.id,
+            ip=task.ip,
+            open_ports_str=task.open_ports_str if include_lock else None,
+        )
+
+    def cleanup_partial(self, task_id: str, data: object) -> None:
+        """Cleanup for a payload that failed validation: whatever keys its fields still name are removed,
+        so that a rejected task does not stay "queued" in Tasker forever."""
+        fields = data if isinstance(data, Mapping) else {}
+        user = fields.get("user")
+        self._cleanup(
+            task_id,
+            project=_key_part(fields.get("project")),
+            user_id=_key_part(user.get("id")) if isinstance(user, Mapping) else None,
+            ip=_key_part(fields.get("ip")),
+            open_ports_str=_key_part(fields.get("open_ports_str")),
+        )
+
+    def _cleanup(
+        self,
+        task_id: str,
+        *,
+        project: str | None,
+        user_id: str | None,
+        ip: str | None,
+        open_ports_str: str | None,
+    ) -> None:
+        h = self.hostname
+        with self.r.pipeline(transaction=True) as pipe:
+            # Both PID hash names: the builder's (which upstream cleans, a no-op) and the one written.
+            pipe.hdel(keys.legacy_pid_hash_key(h), task_id)
+            pipe.hdel(keys.pid_hash_key(h), task_id)
+            pipe.delete(keys.running_task_key(task_id, h))
+            if project is not None:
+                pipe.srem(keys.project_tasks_key(project), task_id)
+            if user_id is not None:
+                pipe.srem(keys.user_tasks_key(user_id), task_id)
+            if project is not None and ip is not None:
+                pipe.srem(keys.project_ip_tasks_key(project, ip), task_id)
+                if open_ports_str is not None:
+                    pipe.delete(keys.lock_key(project, ip, open_ports_str))
+                pipe.delete(keys.legacy_ip_task_lock_key(project, ip))
+            pipe.delete(keys.metadata_key(task_id))
+            pipe.delete(keys.legacy_scan_lock_key(h))
+            pipe.execute()
+
+    def metadata_exists(self, task_id: str) -> bool:
+        return bool(self.r.exists(keys.metadata_key(task_id)))
+
+    def refresh_lock(self, task: ScanTask, ttl: int) -> None:
+        self._refresh_lock(keys=[keys.lock_key(task.project, task.ip, task.open_ports_str)], args=[ttl])
+
+    def register_ip(self, ip: str) -> None:
+        self.r.hset(keys.worker_key(self.hostname), mapping={"ip": ip, "last_updated": int(time.time())})
+
+    # ------------------------------------------------------------------ status (extension)
+
+    def set_status(
+        self,
+        task_id: str,
+        state: str,
+        *,
+        phase: str | None = None,
+        percent: float | None = None,
+        error: str | None = None,
+        **extra: object,
+    ) -> None:
+        """Write `task:{id}:status`. phase/percent/error given as None are removed (a new state clears
+        the previous phase's progress and an earlier attempt's error); other fields given as None are
+        removed too, fields not given are kept (e.g. `worker`, `delivery`)."""
+        fields: dict[str, object] = {"state": str(state), "phase": phase, "percent": percent, "error": error}
+        fields.update(extra)
+        self._write_status(task_id, fields)
+
+    def set_status_fields(self, task_id: str, **fields: object) -> None:
+        """Add or change status fields without touching the state."""
+        self._write_status(task_id, fields)
+
+    def _write_status(self, task_id: str, fields: Mapping[str, object]) -> None:
+        key = keys.status_key(task_id)
+        present = {k: str(v) for k, v in fields.items() if v is not None}
+        present["updated_at"] = str(int(time.time()))
+        absent = [k for k, v in fields.items() if v is None]
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=present)
+            if absent:
+                pipe.hdel(key, *absent)
+            pipe.expire(key, self.status_ttl)
+            pipe.execute()
+
+    def get_status(self, task_id: str) -> dict[str, str]:
+        return {_text(k): _text(v) for k, v in self.r.hgetall(keys.status_key(task_id)).items()}
+
+    # ------------------------------------------------------------------ markers (extension)
+
+    def mark_revoked(self, task_ids: Iterable[str]) -> None:
+        """Remember revoked ids for every instance: a revoke reaches only the nodes alive at the time, and a
+        queued task may be delivered later to one that was not."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.set(keys.revoked_key(task_id), "1", ex=self.marker_ttl)
+            pipe.execute()
+
+    def is_revoked(self, task_id: str) -> bool:
+        return bool(self.r.exists(keys.revoked_key(task_id)))
+
+    def mark_delivered(self, task_id: str) -> None:
+        self.r.set(keys.delivered_key(task_id), "1", ex=self.marker_ttl)
+
+    def was_delivered(self, task_id: str) -> bool:
+        return bool(self.r.exists(keys.delivered_key(task_id)))
+
+    # ------------------------------------------------------------------ leases (extension)
+
+    def claim(
+        self,
+        task_id: str,
+        owner: str,
+        ttl: float,
+        message: bytes | str,
+        max_attempts: int,
+        *,
+        now: float | None = None,
+    ) -> ClaimResult:
+        """Take a task before its message is acked. "busy": a live lease exists (a duplicate delivery);
+        "poison": this is delivery number max_attempts+1 of a task whose workers kept dying."""
+        at = time.time() if now is None else now
+        result = self._claim(
+            keys=[keys.lease_key(task_id), keys.LEASES_KEY],
+            args=[task_id, owner, repr(at), ttl, message, max_attempts, self.marker_ttl],
+        )
+        return _text(result)  # type: ignore[return-value]
+
+    def heartbeat(
+        self, task_ids: Iterable[str], owner: str, ttl: float, *, now: float | None = None
+    ) -> list[str]:
+        """Extend the leases `owner` still holds; returns the ids it no longer holds (taken over)."""
+        ids = list(task_ids)
+        if not ids:
+            return []
+        at = time.time() if now is None else now
+        lost = self._heartbeat(
+            keys=[keys.LEASES_KEY, *(keys.lease_key(i) for i in ids)], args=[owner, repr(at), ttl, *ids]
+        )
+        return [_text(i) for i in lost]
+
+    def release(self, task_id: str, owner: str) -> bool:
+        """Delete a finished task's lease; False when another owner holds it now."""
+        return bool(self._release(keys=[keys.lease_key(task_id), keys.LEASES_KEY], args=[task_id, owner]))
+
+    def expired(self, now: float) -> list[str]:
+        return [_text(i) for i in self.r.zrangebyscore(keys.LEASES_KEY, "-inf", now)]
+
+    def reclaim(self, task_id: str, owner_hint: str | None, now: float) -> str | None:
+        """Take back a held lease that expired, or any held lease of `owner_hint` (an instance recovering
+        its own tasks after a restart), and return its message for re-publishing. Atomic: of several
+        instances sweeping the same expired lease, exactly one gets the message."""
+        message = self._reclaim(
+            keys=[keys.lease_key(task_id), keys.LEASES_KEY], args=[task_id, repr(now), owner_hint or ""]
+        )
+        return None if message is None else _text(message)
+
+    def owned_by(self, owner: str) -> list[str]:
+        ids = self._owned_by(keys=[keys.LEASES_KEY], args=[owner, keys.lease_key("")])
+        return [_text(i) for i in ids]
+
+    def lease_message(self, task_id: str) -> str | None:
+        message = self.r.hget(keys.lease_key(task_id), "message")
+        return None if message is None else _text(message)
+
+
+def _key_part(value: object) -> str | None:
+    """A field of an unvalidated payload as Tasker would have spelled it in a key, or None."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, Mapping) and value.get("__type__") == "uuid":
+        inner = value.get("__value__")
+        hex_text = inner.get("hex") if isinstance(inner, Mapping) else None
+        try:
+            return str(uuid.UUID(hex=hex_text)) if isinstance(hex_text, str) else None
+        except ValueError:
+            return None
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return None
