@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from falcoria_worker.errors import ConfigError, Rejected
-from falcoria_worker.model import Phase
+from falcoria_worker.model import MAX_OPTS_LEN, Phase
 
 MAX_PORT = 65535
 
@@ -170,10 +170,10 @@ def _extra_flag_problem(flag: object) -> str | None:
     reason = _danger(flag)
     if reason:
         return f"is refused: {reason}"
+    if len(flag) == 2:  # getopt_long_only reads "-x" as the short option x
+        return "takes a value" if flag[1] in _NMAP_VALUE_SHORT else None
     bare = flag.lstrip("-")
-    if any(name.startswith(bare) for name in _NMAP_VALUE_LONG) or flag in _VALUE_OPTIONS or flag == "-T":
-        return "takes a value"
-    if len(flag) == 2 and flag[1] in _NMAP_VALUE_SHORT:
+    if any(name.startswith(bare) for name in _NMAP_VALUE_LONG) or flag in _VALUE_OPTIONS:
         return "takes a value"
     return None
 
@@ -259,7 +259,8 @@ _VALUE_OPTIONS: dict[str, Callable[[str, str], str]] = {
     "--max-os-tries": _int_value(1, 50),
     "--script": lambda option, value: value,  # checked against the config in _check_scripts
 }
-# Pairs nmap itself refuses when the minimum exceeds the maximum; refused here with a clearer reason.
+# A minimum above its maximum: nmap quits for rates and parallelism and silently bends rtt timeouts;
+# refused here with a clear reason.
 _MIN_MAX: tuple[tuple[str, str, Callable[[str], float | None]], ...] = (
     ("--min-rate", "--max-rate", float),
     ("--min-rtt-timeout", "--max-rtt-timeout", time_ms),
@@ -315,6 +316,8 @@ def normalise_ports(expression: str) -> str:
 
 
 def _tokens(opts: str) -> list[str]:
+    if len(opts) > MAX_OPTS_LEN:
+        raise Rejected(f"options: too long ({len(opts)} characters, at most {MAX_OPTS_LEN})", field="options")
     for index, char in enumerate(opts):
         if not " " <= char <= "~":
             raise Rejected(
