@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from pathlib import Path
 
 import pytest
@@ -325,3 +326,20 @@ def test_every_default_parses_to_what_shown_value_prints() -> None:
         if key in config.DERIVED_KEYS or key in config.SECRET_KEYS:
             continue
         assert config.shown_value(s, key) == default, key
+
+
+WORKER_CONF = Path(__file__).parents[2] / "packaging" / "debian" / "worker.conf"
+
+
+def test_worker_conf_documents_every_key_with_its_default() -> None:
+    # The shipped file lists each setting as "#KEY=default"; it and config.py must not drift apart.
+    documented = {}
+    for line in WORKER_CONF.read_text().splitlines():
+        match = re.fullmatch(r"#([A-Z][A-Z0-9_]*)=(.*)", line)
+        if match:
+            assert match[1] not in documented, f"{match[1]} documented twice"
+            documented[match[1]] = match[2]
+    assert set(documented) == set(config.KNOWN_KEYS)
+    assert documented == dict(config.DEFAULTS)
+    for key in config.SECRET_KEYS:
+        assert f"/etc/falcoria-worker/credentials/{key.lower()}" in WORKER_CONF.read_text()
