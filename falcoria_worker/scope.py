@@ -61,7 +61,10 @@ class Scope:
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
-            raise Rejected(f"target {ip!r} refused: not an IP address", field="ip") from None
+            address = None
+        # A zone id ("fe80::1%eth0") picks an interface, which is the worker's business, not the task's.
+        if address is None or getattr(address, "scope_id", None) is not None:
+            raise Rejected(f"target {ip!r} refused: not an IP address", field="ip")
         # An IPv4-mapped IPv6 address reaches the IPv4 host, so it is judged as that host.
         checked = _unmapped(address)
         allowed = _most_specific(checked, self.allow)
