@@ -202,6 +202,29 @@ def check_report(xml: bytes) -> list[str]:
     return list(dict.fromkeys(ips))
 
 
+def sample_report(*ips: str, port_xml: str = "") -> bytes:
+    """A small report ScanLedger accepts (default one host, 127.0.0.1): port 80 open on each host, with
+    `port_xml` (a <script>, a <service>) inside it. Carriage returns and non-ASCII text are included so a
+    test comparing bytes notices any re-encoding on the way."""
+    hosts = "".join(
+        f'<host starttime="1700000000" endtime="1700000005">'
+        f'<status state="up" reason="user-set" reason_ttl="0"/>'
+        f'<address addr="{ip}" addrtype="{"ipv6" if ":" in ip else "ipv4"}"/>'
+        f'<hostnames><hostname name="caf\u00e9.example" type="user"/></hostnames>'
+        f'<ports><port protocol="tcp" portid="80"><state state="open" reason="syn-ack" reason_ttl="64"/>'
+        f"{port_xml}</port></ports></host>\r\n"
+        for ip in ips or ("127.0.0.1",)
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\r\n<!DOCTYPE nmaprun>\r\n'
+        '<nmaprun scanner="nmap" args="nmap -p 80 target" start="1700000000" startstr="Tue Nov 14"'
+        ' version="7.93" xmloutputversion="1.05">'
+        '<scaninfo type="syn" protocol="tcp" numservices="1" services="80"/>'
+        '<verbose level="0"/><debugging level="0"/>\r\n'
+        f"{hosts}</nmaprun>\r\n"
+    ).encode()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The HTTP server
 # ---------------------------------------------------------------------------------------------------------
