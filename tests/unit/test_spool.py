@@ -147,7 +147,7 @@ def test_a_put_killed_midway_leaves_no_entry(tmp_path: Path) -> None:
         with fifo.open("wb") as writer:  # opens once the child is reading
             writer.write(sample_report()[:100])
             writer.flush()
-            # The child now blocks in the copy, waiting for the rest, with the first part on disk.
+            # The child is inside put() now, copying and waiting for the rest of the report.
             tmp = root / "pending"
             while not any(p.name.startswith(".tmp-t1-") for p in tmp.iterdir()):
                 assert child.poll() is None, "put() ended before the report was complete"
