@@ -18,10 +18,22 @@ if TYPE_CHECKING:
     from falcoria_worker.policy import ScanOptions
 
 
-def compact_ports(ports: Iterable[int]) -> str:
-    """[1, 2, 3, 5] -> "1-3,5". Linux refuses a single argv string over 128 KiB, and 65,535 ports written
-    out one by one are about 350 KB; compacted they are "1-65535"."""
-    return format_port_ranges((port, port) for port in ports)
+# Linux refuses a single argv string over 128 KiB (MAX_ARG_STRLEN); stay well below it.
+MAX_PORT_ARG = 100_000
+
+
+def compact_ports(ports: Iterable[int], *, bridge: int = 0) -> str:
+    """[1, 2, 3, 5] -> "1-3,5"; with bridge=1 -> "1-5" (gaps of up to `bridge` ports are joined).
+
+    65,535 ports written out one by one are about 350 KB, too long for one argument; compacted they are
+    "1-65535"."""
+    ranges: list[tuple[int, int]] = []
+    for port in sorted(set(ports)):
+        if ranges and port - ranges[-1][1] <= bridge + 1:
+            ranges[-1] = (ranges[-1][0], port)
+        else:
+            ranges.append((port, port))
+    return format_port_ranges(ranges)
 
 
 def _tail(
@@ -49,17 +61,32 @@ def phase1_argv(
     return [nmap, *opts.tokens, *ports, *tail]
 
 
-def _port_list(ports: Sequence[PortRef]) -> tuple[str, bool, bool]:
-    """-> (-p expression, any tcp, any udp). T:/U: prefixes only when both protocols are present."""
+def _port_list(ports: Sequence[PortRef], bridge: int) -> str:
+    """The -p expression; T:/U: prefixes only when both protocols are present."""
     by_protocol: dict[str, list[int]] = {"tcp": [], "udp": []}
     for protocol, number in ports:
         if protocol not in by_protocol or not 1 <= number <= MAX_PORT:
             raise ValueError(f"phase 2 port {protocol}/{number} is not a tcp or udp port 1..{MAX_PORT}")
         by_protocol[protocol].append(number)
-    tcp, udp = compact_ports(by_protocol["tcp"]), compact_ports(by_protocol["udp"])
-    if tcp and udp:
-        return f"T:{tcp},U:{udp}", True, True
-    return tcp or udp, bool(tcp), bool(udp)
+    tcp = compact_ports(by_protocol["tcp"], bridge=bridge)
+    udp = compact_ports(by_protocol["udp"], bridge=bridge)
+    return f"T:{tcp},U:{udp}" if tcp and udp else tcp or udp
+
+
+def _short_port_list(ports: Sequence[PortRef]) -> tuple[str, bool]:
+    """-> (expression that fits one argument, whether gaps were bridged). Only a pathological target (say,
+    every other port open) needs bridging; the smallest bridge that fits is found by bisection."""
+    expression = _port_list(ports, 0)
+    if len(expression) <= MAX_PORT_ARG:
+        return expression, False
+    low, high = 1, MAX_PORT  # bridging MAX_PORT always fits: one range per protocol
+    while low < high:
+        middle = (low + high) // 2
+        if len(_port_list(ports, middle)) <= MAX_PORT_ARG:
+            high = middle
+        else:
+            low = middle + 1
+    return _port_list(ports, low), True
 
 
 def phase2_argv(
@@ -74,14 +101,19 @@ def phase2_argv(
 ) -> list[str]:
     """Service detection on phase 1's open ports. Adds the scan types those ports need when the phase-2
     options lack them: -sU for UDP ports, and -sS next to -sU for TCP ports (nmap scans only UDP when
-    -sU is the only scan type; raw sockets are available, since -sU needs them too)."""
+    -sU is the only scan type; raw sockets are available, since -sU needs them too). Adds --open when
+    the port list had to be bridged to fit in one argument."""
     if not ports:
         raise ValueError("phase 2 needs at least one port")
-    expression, any_tcp, any_udp = _port_list(ports)
-    scan_types = []
+    expression, bridged = _short_port_list(ports)
+    any_tcp = any(protocol == "tcp" for protocol, _ in ports)
+    any_udp = any(protocol == "udp" for protocol, _ in ports)
+    extra = []
     if any_udp and not opts.udp:
-        scan_types.append("-sU")
+        extra.append("-sU")
     if any_tcp and (any_udp or opts.udp) and opts.tcp_scan is None:
-        scan_types.append("-sS")
+        extra.append("-sS")
+    if bridged and "--open" not in opts.tokens:
+        extra.append("--open")  # the bridged ports were not open in phase 1; keep them out of the report
     tail = _tail(task, opts, privileged=privileged, xml_path=xml_path, stats_every=stats_every)
-    return [nmap, *opts.tokens, *scan_types, "-p", expression, *tail]
+    return [nmap, *opts.tokens, *extra, "-p", expression, *tail]
