@@ -4,8 +4,8 @@ Every function streams its input with iterparse and clears what it has handled, 
 for a host with all 65,535 ports open in both phases. The merge walks phase 1 and phase 2 side by side:
 nmap writes a host's ports in numeric order, TCP before UDP and SCTP (PortList::nextPort), so the phase-2
 port that phase 1 needs next is normally the next one read. Ports read ahead are held as serialized bytes
-until phase 1 reaches them; if a file is not in nmap's order this degrades to holding all of phase 2's
-ports, which is still correct.
+until phase 1 reaches them. A phase 2 that breaks that order is noticed and the merge restarts holding
+all of phase 2's ports (correct, only larger); a broken phase 2 restarts it without phase 2.
 
 ScanLedger (contract §5.2, §5.2a) answers 500 for a `<script>` holding an `<elem>` without `key`, and for a
 host without `<ports>`, so both are repaired here. DOCTYPE, comments and the stylesheet PI are dropped by
@@ -63,6 +63,10 @@ class _Phase2Broken(Exception):
     """Phase 2's XML is unreadable or cut short: the merge restarts without it."""
 
 
+class _Phase2Unordered(Exception):
+    """Phase 2's ports are not in nmap's order: the merge restarts holding all of them."""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Public functions
 
@@ -103,9 +107,12 @@ def merge_reports(
     """
     try:
         try:
-            _merge_once(phase1, phase2, out, target_ip, hostnames)
+            try:
+                _merge_once(phase1, phase2, out, target_ip, hostnames, in_order=True)
+            except _Phase2Unordered:
+                _merge_once(phase1, phase2, out, target_ip, hostnames, in_order=False)
         except _Phase2Broken:
-            _merge_once(phase1, None, out, target_ip, hostnames)
+            _merge_once(phase1, None, out, target_ip, hostnames, in_order=True)
     except BaseException:
         out.unlink(missing_ok=True)
         raise
@@ -312,7 +319,8 @@ def _phase2_head(host: ET.Element) -> _Phase2Head:
 class _Phase2:
     """Pull interface over `_phase2_items` for the phase-1 walk. Any failure becomes _Phase2Broken."""
 
-    def __init__(self, path: Path | None, target: str) -> None:
+    def __init__(self, path: Path | None, target: str, *, in_order: bool) -> None:
+        self._in_order = in_order  # trust nmap's port order (else every port is read before the first)
         self._items: Iterator[_Phase2Item] = iter(()) if path is None else _phase2_items(path, target)
         self._pending: dict[PortRef, bytes] = {}
         self._last: PortRef | None = None
@@ -334,6 +342,8 @@ class _Phase2:
         if isinstance(item, _Phase2Head):
             self._head = item
         elif isinstance(item, _Phase2Port):
+            if self._in_order and self._last is not None and _order(item.key) <= _order(self._last):
+                raise _Phase2Unordered
             self._pending[item.key] = item.data
             self._last = item.key
         else:
@@ -347,10 +357,11 @@ class _Phase2:
         return self._head
 
     def port(self, key: PortRef) -> bytes | None:
-        """Phase 2's version of `key`; reads ahead only until phase 2 has passed `key` in nmap's order."""
+        """Phase 2's version of `key`. In nmap's order phase 2 holds `key` before any later port, so
+        reading stops once phase 2 has passed it; phase 1's own order does not matter."""
         while (
             key not in self._pending
-            and (self._last is None or _order(self._last) < _order(key))
+            and (not self._in_order or self._last is None or _order(self._last) < _order(key))
             and self._pull()
         ):
             pass
@@ -381,9 +392,9 @@ class _Phase2:
 
 
 def _merge_once(
-    phase1: Path, phase2: Path | None, out: Path, target_ip: str, hostnames: Sequence[str]
+    phase1: Path, phase2: Path | None, out: Path, target_ip: str, hostnames: Sequence[str], *, in_order: bool
 ) -> None:
-    p2 = _Phase2(phase2, _norm_ip(target_ip))
+    p2 = _Phase2(phase2, _norm_ip(target_ip), in_order=in_order)
     with out.open("wb", buffering=1 << 16) as stream:
         merger = _Merger(stream, p2, _norm_ip(target_ip), hostnames)
         for depth, event, elem in _walk(phase1, "phase 1"):
