@@ -1,0 +1,305 @@
+"""Spool + Deliverer + ScanLedger client against the fake ScanLedger: every report delivered exactly once
+through outages, refusals and a killed process; permanent refusals kept in failed/; the token never shown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from falcoria_worker.errors import DeliveryRejected, Retryable
+from falcoria_worker.ledger import ScanLedger
+from falcoria_worker.spool import Deliverer, Spool, SpoolEntry
+from tests.fakes.scanledger import FakeScanLedger, sample_report
+
+pytestmark = pytest.mark.integration
+
+WAIT = 60.0  # seconds a test waits for an event before it fails; no test asserts on durations
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Results:
+    """on_result sink; records whether the entry was already gone from pending/ when reported."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self._queue: queue.Queue[tuple[str, str | None, bool]] = queue.Queue()
+
+    def __call__(self, entry: SpoolEntry, reason: str | None) -> None:
+        self._queue.put((entry.task_id, reason, self._spool.has(entry.task_id)))
+
+    def next(self) -> tuple[str, str | None, bool]:
+        return self._queue.get(timeout=WAIT)
+
+    def empty(self) -> bool:
+        return self._queue.empty()
+
+
+class AttemptSignal(ScanLedger):
+    """The real client; tells the test when an upload attempt has failed as retryable."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.failed_attempt = queue.Queue[Exception]()
+
+    def upload(self, project: str, mode: str, track_history: bool, xml_path: Path) -> list[str]:
+        try:
+            return super().upload(project, mode, track_history, xml_path)
+        except Retryable as exc:
+            self.failed_attempt.put(exc)
+            raise
+
+
+class Harness:
+    """A spool in tmp_path, the fake ScanLedger, and the deliverers a test starts (stopped afterwards)."""
+
+    def __init__(self, fake: FakeScanLedger, tmp_path: Path) -> None:
+        self.fake = fake
+        self.tmp = tmp_path
+        self.spool = Spool(tmp_path / "spool")
+        self.results = Results(self.spool)
+        self.report = tmp_path / "merged.xml"
+        self.report.write_bytes(sample_report("192.0.2.10"))
+        self.deliverers: list[Deliverer] = []
+
+    def ledger(self, token: str | None = None) -> AttemptSignal:
+        return AttemptSignal(self.fake.url, token or self.fake.token)
+
+    def start(self, ledger: ScanLedger | None = None) -> Deliverer:
+        deliverer = Deliverer(
+            self.spool,
+            ledger or self.ledger(),
+            on_result=self.results,
+            backoff_initial=0.02,
+            backoff_max=0.2,
+        )
+        deliverer.start()
+        self.deliverers.append(deliverer)
+        return deliverer
+
+    def put(self, task_id: str = "task-1", xml: Path | None = None, **fields: object) -> SpoolEntry:
+        meta: dict = {"project": self.fake.project, "mode": "replace", "track_history": False} | fields
+        return self.spool.put(task_id, xml or self.report, **meta)
+
+
+@pytest.fixture
+def h(scanledger: FakeScanLedger, tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(scanledger, tmp_path)
+    yield harness
+    for deliverer in harness.deliverers:
+        deliverer.stop(WAIT)
+        assert not deliverer.is_alive()
+
+
+def test_accepted_upload_is_exact_and_removed_before_reported(h: Harness) -> None:
+    deliverer = h.start()
+    h.put()
+    deliverer.wake()
+    assert h.results.next() == ("task-1", None, False)  # done() before on_result
+    [upload] = h.fake.uploads
+    assert upload.xml == h.report.read_bytes()
+    assert (upload.project, upload.mode, upload.track_history) == (h.fake.project, "replace", False)
+    assert h.spool.pending() == []
+
+
+def test_entries_go_in_order(h: Harness) -> None:
+    for n, mode in enumerate(("insert", "update", "append")):
+        h.put(f"task-{n}", mode=mode)
+    h.start()
+    assert [h.results.next()[0] for _ in range(3)] == ["task-0", "task-1", "task-2"]
+    assert [u.mode for u in h.fake.uploads] == ["insert", "update", "append"]
+
+
+def test_503_for_a_while_then_exactly_one_upload(h: Harness) -> None:
+    # 10 refusals outlast the adapter's 3 quick retries, so the spool's own backoff has to carry on.
+    h.fake.fail_next(503, 10)
+    h.put()
+    h.start()
+    assert h.results.next() == ("task-1", None, False)
+    assert len(h.fake.uploads) == 1
+    assert [r.status for r in h.fake.rejections] == [503] * 10
+
+
+def test_connections_refused_then_exactly_one_upload(h: Harness) -> None:
+    h.fake.refuse()
+    ledger = h.ledger()
+    h.put()
+    h.start(ledger)
+    assert "ConnectionError" in str(ledger.failed_attempt.get(timeout=WAIT))
+    assert ledger.failed_attempt.get(timeout=WAIT)  # a second pass too: the spool keeps trying
+    h.fake.resume()
+    assert h.results.next() == ("task-1", None, False)
+    assert len(h.fake.uploads) == 1
+    assert h.spool.pending() == []
+
+
+@pytest.mark.parametrize(("status", "how"), [(401, "token"), (404, "project"), (422, "mode")])
+def test_permanent_refusal_moves_to_failed_and_is_not_retried(h: Harness, status: int, how: str) -> None:
+    token = "not-the-token" if how == "token" else None
+    project = "0b9f7a8e-0000-4000-8000-000000000000" if how == "project" else h.fake.project
+    mode = "merge" if how == "mode" else "insert"
+    deliverer = h.start(h.ledger(token))
+    h.put(project=project, mode=mode)
+    deliverer.wake()
+    task_id, reason, still_pending = h.results.next()
+    assert (task_id, still_pending) == ("task-1", False)
+    assert reason is not None and f"ScanLedger answered {status}" in reason
+    assert h.spool.pending() == []
+    assert (h.spool.failed_dir / "task-1" / "reason.txt").read_text() == reason + "\n"
+    assert (h.spool.failed_dir / "task-1" / "nmap_report.xml").read_bytes() == h.report.read_bytes()
+    # A second entry after it: by its result the deliverer has had every chance to retry the first.
+    h.put("task-2", project=project, mode=mode)
+    deliverer.wake()
+    assert h.results.next()[:2] == ("task-2", reason)
+    assert [r.status for r in h.fake.rejections] == [status, status]
+    assert h.fake.uploads == []
+
+
+def test_a_report_scanledger_chokes_on_does_not_block_the_others(h: Harness) -> None:
+    bad = h.tmp / "bad.xml"
+    bad.write_bytes(sample_report(port_xml='<script id="x" output="y"><elem>no key</elem></script>'))
+    h.put("task-bad", bad)
+    h.put("task-good")
+    h.start()
+    assert h.results.next() == ("task-good", None, False)
+    assert [e.task_id for e in h.spool.pending()] == ["task-bad"]  # kept, retried later
+    assert {r.status for r in h.fake.rejections} == {500}
+
+
+def test_stop_leaves_pending_entries_for_the_next_process(h: Harness) -> None:
+    h.fake.refuse()
+    ledger = h.ledger()
+    h.put()
+    deliverer = h.start(ledger)
+    ledger.failed_attempt.get(timeout=WAIT)
+    deliverer.stop(WAIT)
+    assert not deliverer.is_alive()
+    assert [e.task_id for e in Spool(h.spool.root).pending()] == ["task-1"]
+    assert h.results.empty()
+
+
+# --- a killed delivering process --------------------------------------------------------------------
+
+
+def child_main(root: str, url: str, token_file: str) -> None:
+    """The delivering process of the restart test: prints one line per attempt and per result."""
+
+    class Announcing(ScanLedger):
+        def upload(self, project: str, mode: str, track_history: bool, xml_path: Path) -> list[str]:
+            print("ATTEMPT", flush=True)
+            return super().upload(project, mode, track_history, xml_path)
+
+    spool = Spool(Path(root))
+    ledger = Announcing(url, Path(token_file).read_text().strip())
+    deliverer = Deliverer(
+        spool,
+        ledger,
+        on_result=lambda entry, reason: print("RESULT", entry.task_id, reason, flush=True),
+        backoff_initial=0.02,
+        backoff_max=0.2,
+    )
+    deliverer.start()
+    signal.sigwait({signal.SIGTERM})
+    deliverer.stop(WAIT)
+
+
+def _spawn(spool: Spool, fake: FakeScanLedger, token_file: Path) -> subprocess.Popen[str]:
+    code = "import sys; from tests.integration.test_delivery import child_main; child_main(*sys.argv[1:])"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(spool.root), fake.url, str(token_file)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def _read_until(proc: subprocess.Popen[str], prefix: str) -> str:
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the test's timeout bounds this; each line comes within backoff_max
+        if line.startswith(prefix):
+            return line.strip()
+    raise AssertionError(f"child exited ({proc.wait()}) before printing {prefix!r}")
+
+
+def test_killed_delivering_process_then_restart_delivers_exactly_once(h: Harness) -> None:
+    scanledger, spool, report = h.fake, h.spool, h.report
+    token_file = h.tmp / "token"
+    token_file.write_text(scanledger.token)
+    h.put()
+    scanledger.refuse()
+    first = _spawn(spool, scanledger, token_file)
+    try:
+        _read_until(first, "ATTEMPT")
+        _read_until(first, "ATTEMPT")  # retrying while ScanLedger is down
+        os.killpg(first.pid, signal.SIGKILL)
+        assert first.wait(timeout=WAIT) == -signal.SIGKILL
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert [e.task_id for e in Spool(spool.root).pending()] == ["task-1"]
+    scanledger.resume()
+    second = _spawn(spool, scanledger, token_file)
+    try:
+        assert _read_until(second, "RESULT") == "RESULT task-1 None"
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=WAIT) in (0, -signal.SIGTERM)
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.wait()
+    assert len(scanledger.uploads) == 1
+    assert scanledger.uploads[0].xml == report.read_bytes()
+    assert Spool(spool.root).pending() == []
+
+
+# --- the token stays secret ---------------------------------------------------------------------------
+
+
+def test_token_never_in_logs_exceptions_or_file_names(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)  # urllib3 included
+    scanledger, spool, report = h.fake, h.spool, h.report
+    wrong = "wrong-" + scanledger.token
+    texts: list[str] = []
+
+    def attempt(ledger: ScanLedger) -> None:
+        try:
+            ledger.upload(scanledger.project, "insert", True, report)
+        except (Retryable, DeliveryRejected) as exc:
+            texts.extend([str(exc), repr(exc), "".join(traceback.format_exception(exc))])
+
+    good, bad = ScanLedger(scanledger.url, scanledger.token), ScanLedger(scanledger.url, wrong)
+    scanledger.fail_next(503, 10)
+    attempt(good)  # 5xx after retries
+    scanledger.refuse()
+    attempt(good)  # connection refused
+    scanledger.resume()
+    attempt(bad)  # 401
+    texts.append(repr(good))
+    # The spool path: a refusal (reason file, on_result) and a delivery.
+    h.put("task-refused", mode="merge")
+    h.put("task-ok")
+    h.start(good)
+    outcomes = [h.results.next(), h.results.next()]
+    assert len(texts) == 10
+    texts.extend(str(o) for o in outcomes)
+    texts.extend(p.read_text() for p in spool.root.rglob("reason.txt"))
+    texts.extend(str(p) for p in spool.root.rglob("*"))
+    texts.append(caplog.text)
+    texts.extend(str(r.__dict__) for r in caplog.records)
+    assert [o[1] is None for o in outcomes] == [False, True]
+    for token in (scanledger.token, wrong):
+        leaks = [t for t in texts if token in t]
+        assert leaks == []
+    assert any("503" in t for t in texts) and any("ConnectionError" in t for t in texts)
