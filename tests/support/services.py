@@ -14,6 +14,7 @@ Fixtures:
                             stop()/start()/restart()
   clean_broker  (function)  empties the test vhost (queues, exchanges, connections) before the test;
                             returns the rabbitmq handle
+  tasker        (function)  tests.support.tasker.Tasker on a clean broker and an empty Redis
 
 A test that needs the services reachable from another network namespace (a container on a bridge) starts
 its own instance with `RedisServer.launch(..., bind=("127.0.0.1", "<bridge address>"))` or
@@ -42,6 +43,8 @@ from pathlib import Path
 import amqp
 import pytest
 import redis
+
+from tests.support.tasker import Tasker
 
 ROOT = Path(os.environ.get("FW_TEST_SERVICES_ROOT", "/tmp/falcoria-test-services"))
 CONSUMER_TIMEOUT_MS = int(os.environ.get("FW_TEST_CONSUMER_TIMEOUT_MS", "15000"))
@@ -545,3 +548,12 @@ def clean_broker(rabbitmq: RabbitMQ) -> RabbitMQ:
     """The broker with an empty test vhost: no queue, exchange or connection left by an earlier test."""
     rabbitmq.reset_vhost()
     return rabbitmq
+
+
+@pytest.fixture
+def tasker(clean_broker: RabbitMQ, redis_server: RedisServer) -> Iterator[Tasker]:
+    """The test Tasker on an empty vhost and an empty Redis."""
+    redis_server.flush()
+    stand_in = Tasker(clean_broker, redis_server.client())
+    yield stand_in
+    stand_in.close()
