@@ -309,7 +309,9 @@ def load(
 
     # The per-instance file is chosen by the INSTANCE every other layer agrees on, so it cannot pick itself.
     chosen_entry = _merge([defaults, base, *extra, env, command_line, top]).get("INSTANCE")
-    chosen = config.check_instance("INSTANCE", chosen_entry.value) if chosen_entry else "1"
+    chosen = (
+        config.check_instance("INSTANCE", chosen_entry.value) if chosen_entry else config.DEFAULTS["INSTANCE"]
+    )
     per_instance = _file_layer(etc_dir / f"worker@{chosen}.conf", required=False, warnings=warnings)
     if "INSTANCE" in per_instance and per_instance["INSTANCE"].value != chosen:
         raise ConfigError(
