@@ -22,8 +22,6 @@ from urllib.parse import quote, urlsplit
 
 from falcoria_worker.errors import ConfigError
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -62,7 +60,7 @@ class Settings:
     hostname: str
     node_name: str
     state_dir: Path
-    worker_ip: IPAddress | None
+    worker_ip: str | None  # canonical text, as Redis stores it
     ip_echo_url: str | None
     # Scanning policy.
     concurrency: int
@@ -267,11 +265,11 @@ def _path(key: str, text: str) -> Path:
     return Path(_printable(key, text))
 
 
-def _worker_ip(key: str, text: str) -> IPAddress | None:
+def _worker_ip(key: str, text: str) -> str | None:
     if not text:
         return None
     try:
-        return ipaddress.ip_address(text.strip())
+        return ipaddress.ip_address(text.strip()).compressed
     except ValueError:
         raise ConfigError(
             key, f"{_shown(text)} is not an IP address", f"set {key} to e.g. 203.0.113.7 or leave it empty"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import re
 from pathlib import Path
 
@@ -256,7 +255,7 @@ def test_scope_cidrs_are_checked(cidr: str) -> None:
 
 def test_worker_ip_and_hosts() -> None:
     s = parsed(WORKER_IP="2001:db8::0001", RABBITMQ_HOST="[::1]", REDIS_HOST="redis.internal")
-    assert s.worker_ip == ipaddress.ip_address("2001:db8::1")
+    assert s.worker_ip == "2001:db8::1"
     assert s.rabbitmq_host == "::1"
     assert s.redis_host == "redis.internal"
 
