@@ -6,7 +6,7 @@ shapes a loopback scan cannot produce (every port open, OS detection, traceroute
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
@@ -67,15 +67,13 @@ def _range_size(part: str) -> int:
     return int(high or low) - int(low) + 1
 
 
-def _host_open(ip: str, start: int, end: int, hostnames: Sequence[tuple[str, str]]) -> list[str]:
-    lines = [
+def _host_open(ip: str, start: int, end: int) -> list[str]:
+    return [
         f'<host starttime="{start}" endtime="{end}"><status state="up" reason="user-set" reason_ttl="0"/>',
         f'<address addr="{ip}" addrtype="{addrtype(ip)}"/>',
         "<hostnames>",
+        "</hostnames>",
     ]
-    lines += [f'<hostname name="{name}" type="{kind}"/>' for name, kind in hostnames]
-    lines.append("</hostnames>")
-    return lines
 
 
 def _footer(end: int, elapsed: str) -> list[str]:
@@ -103,30 +101,33 @@ def phase1(
     ports: Sequence[PortSpec],
     *,
     args: str | None = None,
-    hostnames: Sequence[tuple[str, str]] = (),
     extraports: tuple[str, int] | None = None,
-    scaninfo: Sequence[tuple[str, str, str]] | None = None,
-    with_ports_element: bool = True,
 ) -> Path:
     """A phase-1 report: port states with nmap's table guesses, the way `-n -Pn -p ...` writes them."""
-    args = args or f"nmap -n -Pn -p {_ALL_TCP} -oX {path.name} {ip}"
-    lines = _header(args, scaninfo or [("syn", "tcp", _ALL_TCP)], START)
-    lines.append(f'<taskprogress task="SYN Stealth Scan" time="{START}" percent="50.00"/>')
-    lines += _host_open(ip, START, START + 5, hostnames)
-    if with_ports_element:
-        lines.append("<ports>")
-        if extraports:
-            state, count = extraports
-            lines.append(
-                f'<extraports state="{state}" count="{count}">'
-                f'<extrareasons reason="{_REASONS[state]}" count="{count}" proto="tcp" ports="1-{count}"/>'
-                "</extraports>"
-            )
-        lines += (_phase1_port(*spec) for spec in ports)
-        lines.append("</ports>")
-    lines.append('<times srtt="20" rttvar="5" to="100000"/>')
-    lines.append("</host>")
-    return _write(path, [*lines, *_footer(START + 5, "5.00")])
+    return _write(
+        path, _phase1_lines(args or f"nmap -n -Pn -p {_ALL_TCP} -oX {path.name} {ip}", ip, ports, extraports)
+    )
+
+
+def _phase1_lines(
+    args: str, ip: str, ports: Sequence[PortSpec], extraports: tuple[str, int] | None
+) -> Iterator[str]:
+    yield from _header(args, [("syn", "tcp", _ALL_TCP)], START)
+    yield f'<taskprogress task="SYN Stealth Scan" time="{START}" percent="50.00"/>'
+    yield from _host_open(ip, START, START + 5)
+    yield "<ports>"
+    if extraports:
+        state, count = extraports
+        yield (
+            f'<extraports state="{state}" count="{count}">'
+            f'<extrareasons reason="{_REASONS[state]}" count="{count}" proto="tcp" ports="1-{count}"/>'
+            "</extraports>"
+        )
+    yield from (_phase1_port(*spec) for spec in ports)
+    yield "</ports>"
+    yield '<times srtt="20" rttvar="5" to="100000"/>'
+    yield "</host>"
+    yield from _footer(START + 5, "5.00")
 
 
 def _phase1_port(protocol: str, portid: int, state: str) -> str:
@@ -136,30 +137,28 @@ def _phase1_port(protocol: str, portid: int, state: str) -> str:
     )
 
 
-def phase2(
-    path: Path,
-    ip: str,
-    ports: Sequence[PortSpec],
-    *,
-    hostnames: Sequence[tuple[str, str]] = (),
-    host_extras: bool = True,
-    args: str | None = None,
-) -> Path:
+def phase2(path: Path, ip: str, ports: Sequence[PortSpec]) -> Path:
     """A phase-2 report (-sV -sC -O --traceroute): per port a service with product/version/cpe and three
     scripts (one with a keyless <elem>, as http-server-header writes it, one with a table); per host os,
     uptime, distance, sequences, hostscript and trace."""
+    return _write(path, _phase2_lines(path.name, ip, ports))
+
+
+def _phase2_lines(name: str, ip: str, ports: Sequence[PortSpec]) -> Iterator[str]:
     portlist = compact(portid for _, portid, _ in ports)
-    args = args or f"nmap -sV -sC -O --traceroute -Pn -p {portlist} -oX {path.name} {ip}"
-    lines = _header(args, [("syn", "tcp", portlist)], START + 10)
-    lines += _host_open(ip, START + 10, START + 60, hostnames)
-    lines.append("<ports>")
-    lines += (_phase2_port(*spec) for spec in ports)
-    lines.append("</ports>")
-    if host_extras:
-        lines += _host_extras(ip)
-    lines.append('<times srtt="25" rttvar="6" to="100000"/>')
-    lines.append("</host>")
-    return _write(path, [*lines, *_footer(START + 60, "50.00")])
+    yield from _header(
+        f"nmap -sV -sC -O --traceroute -Pn -p {portlist} -oX {name} {ip}",
+        [("syn", "tcp", portlist)],
+        START + 10,
+    )
+    yield from _host_open(ip, START + 10, START + 60)
+    yield "<ports>"
+    yield from (_phase2_port(*spec) for spec in ports)
+    yield "</ports>"
+    yield from _host_extras(ip)
+    yield '<times srtt="25" rttvar="6" to="100000"/>'
+    yield "</host>"
+    yield from _footer(START + 60, "50.00")
 
 
 def _phase2_port(protocol: str, portid: int, state: str) -> str:
