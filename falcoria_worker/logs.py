@@ -81,6 +81,9 @@ class ContextFilter(logging.Filter):
 
 # --- redaction ------------------------------------------------------------------------------------------
 
+# A key that names a secret: password, passwd, pwd, pass, token, secret, api_key, with any prefix
+# (REDIS_PASS, WORKER_BACKEND_TOKEN, x-api-key).
+_SENSITIVE_KEY = r"\b[\w.-]*(?:password|passwd|pwd|pass|token|secret|api[_-]?key)"
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # Authorization: Bearer abc / {'Authorization': 'Basic abc'}: keep the scheme word, drop the credential.
     (
@@ -92,12 +95,14 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/-]+=*"), rf"\1{MASK}"),
     # scheme://user:password@host: greedy up to the last '@' before the path, for unencoded '@' in passwords.
     (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^\s/:@]*:)[^\s/]*@"), rf"\1{MASK}@"),
-    # password=..., REDIS_PASS: ..., "token": "...", x-api-key=...
+    # password='a b', "token": "..." (a quoted value is masked up to its closing quote, spaces included)
     (
-        re.compile(
-            r"""(?i)(\b[\w.-]*(?:password|passwd|pwd|pass|token|secret|api[_-]?key)["']?\s*[=:]\s*["']?)"""
-            r"""[^\s"'&,;}\]]+"""
-        ),
+        re.compile(rf"""(?i)({_SENSITIVE_KEY}["']?\s*[=:]\s*)(["'])(?:(?!\2).)*\2"""),
+        rf"\1\2{MASK}\2",
+    ),
+    # password=..., REDIS_PASS: ..., x-api-key=... (unquoted, up to a delimiter)
+    (
+        re.compile(rf"""(?i)({_SENSITIVE_KEY}["']?\s*[=:]\s*["']?)[^\s"'&,;}}\]]+"""),
         rf"\1{MASK}",
     ),
 )

@@ -86,6 +86,9 @@ def test_configured_secrets_are_removed_in_every_form(text: str) -> None:
         ('{"token": "abc123", "ip": "1.2.3.4"}', '{"token": "***", "ip": "1.2.3.4"}'),
         ("GET /import?mode=insert&api_key=zzz&x=1", "GET /import?mode=insert&api_key=***&x=1"),
         ("WORKER_BACKEND_TOKEN=abc", "WORKER_BACKEND_TOKEN=***"),
+        ("password='a b c' user=x", "password='***' user=x"),
+        ('{"secret": "two words", "n": 1}', '{"secret": "***", "n": 1}'),
+        ("password='unterminated", "password='***"),
     ],
 )
 def test_generic_secret_shapes(text: str, expected: str) -> None:
