@@ -347,3 +347,13 @@ def test_shipped_worker_conf_loads_without_warnings(etc: Path) -> None:
     loaded = load(environ={}, etc_dir=etc)
     assert loaded.warnings == ()
     assert set(loaded.sources.values()) == {"default"}
+
+
+def test_loaded_settings_repr_holds_no_secret(etc: Path, tmp_path: Path) -> None:
+    token = write(tmp_path / "token", "t0ken-from-file\n", 0o600)
+    write(etc / "worker.conf", f"REDIS_PASS=hunter2\nWORKER_BACKEND_TOKEN_FILE={token}\n", 0o644)
+    loaded = load(environ={"RABBITMQ_PASSWORD": "rabbit-pw"}, etc_dir=etc)
+    assert loaded.settings.redis_pass == "hunter2"
+    text = repr(loaded) + repr(describe(loaded))
+    for secret in ("hunter2", "t0ken-from-file", "rabbit-pw"):
+        assert secret not in text
