@@ -6,6 +6,8 @@ import socket
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from falcoria_worker import config
 from falcoria_worker.errors import ConfigError
@@ -54,6 +56,21 @@ def test_env_file_syntax() -> None:
         ("QUOTED_EMPTY", "", 11),
         ("SPACES", "a ", 12),
     ]
+
+
+one_line_text = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=40)
+
+
+@given(one_line_text)
+def test_double_quoted_values_round_trip(value: str) -> None:
+    # What an installer writing worker.conf does: escape \ " $ ` inside double quotes, as systemd reads them.
+    escaped = "".join("\\" + c if c in '\\"$`' else c for c in value)
+    assert parse_env_text(f'KEY="{escaped}"', "f") == [("KEY", value, 1)]
+
+
+@given(one_line_text.filter(lambda v: "'" not in v))
+def test_single_quoted_values_are_literal(value: str) -> None:
+    assert parse_env_text(f"KEY='{value}'", "f") == [("KEY", value, 1)]
 
 
 @pytest.mark.parametrize(
