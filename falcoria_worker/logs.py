@@ -239,7 +239,7 @@ def setup_logging(
     """
     redaction = RedactionFilter(Redactor(secrets))
     handler: logging.Handler
-    if journal if journal is not None else stderr_is_journal():
+    if stderr_is_journal() if journal is None else journal:
         from systemd.journal import JournalHandler, send
 
         handler = JournalHandler(
