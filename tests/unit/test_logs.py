@@ -268,3 +268,16 @@ def test_stderr_is_journal_compares_device_and_inode(tmp_path: Path) -> None:
         assert not stderr_is_journal({"JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino + 1}"}, stream.fileno())
         assert not stderr_is_journal({"JOURNAL_STREAM": "garbage"}, stream.fileno())
         assert not stderr_is_journal({}, stream.fileno())
+
+
+def test_setup_detects_journald_from_journal_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    stat = os.fstat(2)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino}")
+    sender = Journal()
+    setup_logging("INFO", instance="1", secrets=[], journal_sender=sender)
+    log.info("to the journal")
+    assert [entry["MESSAGE"] for entry in sender.entries] == ["to the journal"]
+    monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino + 1}")
+    setup_logging("INFO", instance="1", secrets=[], journal_sender=sender)
+    log.info("to stderr")
+    assert len(sender.entries) == 1
