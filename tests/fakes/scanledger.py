@@ -19,6 +19,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -363,6 +364,12 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], fake: FakeScanLedger) -> None:
         self.fake = fake
         super().__init__(address, _Handler)
+        if fake.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*fake.tls)
+            # The handshake runs in the handler thread, so a client that never completes one cannot stall
+            # the accept loop.
+            self.socket = context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -373,6 +380,8 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet: the fake records what matters in uploads/rejections."""
 
     def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
         super().setup()
         self.server.fake._track(self.connection, add=True)
 
@@ -453,8 +462,10 @@ class FakeScanLedger:
         *,
         max_upload: int = DEFAULT_MAX_UPLOAD,
         state_file: Path | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.host = host
+        self.tls = tls  # (certificate chain, key): serve HTTPS, as ScanLedger does behind NGINX Unit
         self.port = port
         self.max_upload = max_upload
         self.state_file = state_file
@@ -498,7 +509,7 @@ class FakeScanLedger:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def start(self) -> FakeScanLedger:
         self._closing.clear()
@@ -760,8 +771,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--project", action="append", default=[], help="project UUID (repeatable)")
     parser.add_argument("--state-file", type=Path, help="accepted uploads are appended here as JSON lines")
     parser.add_argument("--max-upload", type=int, default=DEFAULT_MAX_UPLOAD)
+    parser.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate chain")
+    parser.add_argument("--tls-key", type=Path, help="key of --tls-cert")
     args = parser.parse_args(argv)
-    fake = FakeScanLedger(args.host, args.port, max_upload=args.max_upload, state_file=args.state_file)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    fake = FakeScanLedger(
+        args.host, args.port, max_upload=args.max_upload, state_file=args.state_file, tls=tls
+    )
     fake.add_token(args.token_file.read_text().strip())
     for project in args.project:
         fake.add_project(project)

@@ -3,6 +3,7 @@ through outages, refusals and a killed process; permanent refusals kept in faile
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
@@ -10,13 +11,16 @@ import signal
 import subprocess
 import sys
 import traceback
+import tracemalloc
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from falcoria_worker.errors import DeliveryRejected, Retryable
-from falcoria_worker.ledger import ScanLedger
+from falcoria_worker.ledger import LedgerUnavailable, ScanLedger
 from falcoria_worker.spool import Deliverer, Spool, SpoolEntry
 from tests.fakes.scanledger import FakeScanLedger, sample_report
 
@@ -125,6 +129,7 @@ def test_503_for_a_while_then_exactly_one_upload(h: Harness) -> None:
     h.start()
     assert h.results.next() == ("task-1", None, False)
     assert len(h.fake.uploads) == 1
+    assert h.fake.uploads[0].xml == h.report.read_bytes()  # the body was rewound for every retry
     assert [r.status for r in h.fake.rejections] == [503] * 10
 
 
@@ -303,3 +308,97 @@ def test_token_never_in_logs_exceptions_or_file_names(h: Harness, caplog: pytest
         leaks = [t for t in texts if token in t]
         assert leaks == []
     assert any("503" in t for t in texts) and any("ConnectionError" in t for t in texts)
+
+
+# --- the client on its own ----------------------------------------------------------------------------
+
+
+def test_health(h: Harness) -> None:
+    ledger = ScanLedger(h.fake.url, h.fake.token)
+    ledger.health()
+    h.fake.fail_next(503, 10)
+    with pytest.raises(LedgerUnavailable, match="503"):
+        ledger.health()
+    h.fake.refuse()
+    with pytest.raises(LedgerUnavailable, match="ConnectionError"):
+        ledger.health()
+
+
+def test_tls_is_verified_by_default_and_a_ca_bundle_is_honoured(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *(
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ),
+            *("-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    fake = FakeScanLedger(tls=(cert, key))
+    token, project = fake.add_token(), fake.add_project()
+    report = tmp_path / "r.xml"
+    report.write_bytes(sample_report())
+    fake.start()
+    try:
+        assert fake.url.startswith("https://")
+        with pytest.raises(LedgerUnavailable, match="SSLError"):
+            ScanLedger(fake.url, token).upload(project, "insert", True, report)
+        assert fake.uploads == []
+        verified = ScanLedger(fake.url, token, ca_bundle=str(cert))
+        assert verified.upload(project, "insert", True, report) == ["127.0.0.1"]
+        assert len(fake.uploads) == 1
+    finally:
+        fake.stop()
+
+
+def test_a_large_report_is_streamed_not_loaded(tmp_path: Path) -> None:
+    """20 MB through an out-of-process fake (so only the client's memory is measured), with one retry."""
+    report = tmp_path / "big.xml"
+    hosts = 10_000  # few IPs, big script output: the answer (a list of IPs) stays small
+    script = f'<script id="banner" output="{"x" * 2_000}"/>'
+    report.write_bytes(sample_report(*(f"10.0.{n >> 8}.{n & 255}" for n in range(hosts)), port_xml=script))
+    size = report.stat().st_size
+    assert size > 20_000_000
+    token_file = tmp_path / "token"
+    token_file.write_text("big-report-token")
+    project = str(uuid.uuid4())
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.fakes.scanledger",
+        "--token-file",
+        str(token_file),
+        "--project",
+        project,
+    ]
+    fake = subprocess.Popen([*argv, "--project", project], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert fake.stdout is not None
+        url = fake.stdout.readline().split()[-1]
+        ledger = ScanLedger(url, "big-report-token")
+        ledger.health()
+        requests.post(f"{url}/_fake/fail", json={"status": 503, "count": 1}, timeout=WAIT).raise_for_status()
+        tracemalloc.start()
+        try:
+            ips = ledger.upload(project, "insert", True, report)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(ips) == hosts
+        assert peak < size / 10, f"client peaked at {peak} bytes for a {size}-byte report"
+        [upload] = requests.get(f"{url}/_fake/uploads", timeout=WAIT).json()
+        assert upload["size"] == size
+        assert upload["sha256"] == hashlib.sha256(report.read_bytes()).hexdigest()
+    finally:
+        fake.terminate()
+        fake.wait(timeout=WAIT)
