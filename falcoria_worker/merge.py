@@ -24,8 +24,7 @@ from typing import BinaryIO
 from xml.sax.saxutils import escape
 
 from falcoria_worker.errors import ScanFailed
-
-PortRef = tuple[str, int]  # ("tcp", 80); the same alias as model.PortRef
+from falcoria_worker.model import PortRef
 
 # Host children that follow <ports>, in the order nmap writes them (nmap.cc, output.cc).
 _HOST_TAIL_ORDER = (
@@ -44,6 +43,7 @@ _PHASE2_HOST_TAGS = frozenset(_HOST_TAIL_ORDER) - {"times"}
 _DROPPED = frozenset({"taskprogress"})  # progress ticks: noise for ScanLedger, and nmap#2494 broke its DTD
 _NOT_HEADER = frozenset({*_HOST_TAIL_ORDER, "ports", *_DROPPED})  # what the host start must not write
 _PROTO_RANK = {"tcp": 0, "udp": 1, "sctp": 2, "ip": 3}
+_TEXT_ENTITIES = {"\r": "&#13;"}  # a raw CR would come back as LF from the next parser
 _ATTR_ENTITIES = {'"': "&quot;", "\n": "&#10;", "\r": "&#13;", "\t": "&#9;"}
 _EVENTS = ("start", "end")
 _MAX_DEPTH = 4  # nmaprun > host > ports > port: the deepest level any function here looks at
@@ -169,7 +169,8 @@ def _require_nmaprun(elem: ET.Element, depth: int, what: str) -> None:
 
 
 def _norm_ip(text: str) -> str:
-    """Canonical address text, so "::0001" and "::1" (or a zone-less IPv6 in another case) match."""
+    """Canonical address text, so "0:0::1", "::0001" and "::1" all match (contract §7: upstream compared
+    strings)."""
     try:
         return ipaddress.ip_address(text.strip()).compressed
     except ValueError:
@@ -240,14 +241,14 @@ def _serialize(elem: ET.Element, parts: list[str]) -> None:
     if elem.text or len(elem):
         parts.append(">")
         if elem.text:
-            parts.append(escape(elem.text))
+            parts.append(escape(elem.text, _TEXT_ENTITIES))
         for child in elem:
             _serialize(child, parts)
         parts.append(f"</{elem.tag}>")
     else:
         parts.append("/>")
     if elem.tail:
-        parts.append(escape(elem.tail))
+        parts.append(escape(elem.tail, _TEXT_ENTITIES))
 
 
 def _attrs(attrib: dict[str, str]) -> str:

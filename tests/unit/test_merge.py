@@ -5,6 +5,7 @@ oracle reading the same ports, services and scripts from the raw phase files."""
 
 from __future__ import annotations
 
+import tracemalloc
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -466,3 +467,16 @@ def test_all_65535_ports(tmp_path: Path) -> None:
     assert scripts == 3 * 65535
     assert keyless == 0
     assert host_tags[-9:] == [*HOST_TAIL_ORDER, "trace", "times"]
+
+
+def test_merge_memory_does_not_grow_with_the_port_count(tmp_path: Path) -> None:
+    """Allocation peak, not time: holding all of phase 2's ports (or a tree) would cost about 6.5 MB here."""
+    p1, p2 = xmlgen.all_ports_pair(tmp_path, TARGET, 8000)
+    tracemalloc.start()
+    try:
+        merge_reports(p1, p2, tmp_path / "merged.xml", target_ip=TARGET, hostnames=())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * 2**20
+    assert len(summary(tmp_path / "merged.xml")) == 8000
