@@ -240,12 +240,13 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "project": uuid_forms,
     "open_ports_opts": st.text(max_size=60),
     "service_opts": st.text(max_size=60),
-    "timeout": st.integers(-2, 90_000),
-    "include_services": st.booleans(),
+    # bool is an int subclass and 1.0 == 1: the type confusions a loose parser lets through
+    "timeout": st.one_of(st.integers(-2, 90_000), st.booleans(), st.floats(0, 90_000), st.just("60")),
+    "include_services": st.one_of(st.booleans(), st.integers(0, 1)),
     "mode": st.sampled_from([*ImportMode, "INSERT", "delete"]),
     "user": st.fixed_dictionaries({"id": uuid_forms, "username": st.text(max_size=20)}),
     "open_ports_str": st.text(max_size=60),
-    "track_history": st.booleans(),
+    "track_history": st.one_of(st.booleans(), st.integers(0, 1)),
 }
 payloads = st.one_of(
     json_like,
@@ -279,7 +280,8 @@ def test_parse_task_refuses_or_returns_a_clean_task(data: object) -> None:
     assert isinstance(task.timeout, int) and not isinstance(task.timeout, bool)
     assert 1 <= task.timeout <= 86400
     assert isinstance(task.mode, ImportMode)
-    assert type(task.include_services) is bool and type(task.track_history) is bool
+    assert type(task.include_services) is bool
+    assert type(task.track_history) is bool
 
 
 # ---- argv ------------------------------------------------------------------------------------------------
