@@ -480,3 +480,44 @@ def test_merge_memory_does_not_grow_with_the_port_count(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert peak < 3 * 2**20
     assert len(summary(tmp_path / "merged.xml")) == 8000
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hand-made variants (tests/fixtures/nmap/handmade)
+
+
+def test_handmade_ipv6_pair_keeps_scripts_hostscript_trace_and_ptr(tmp_path: Path) -> None:
+    p1, p2 = fixture("handmade/ipv6-phase1.xml"), fixture("handmade/ipv6-phase2.xml")
+    assert open_ports(p1, "0:0:0:0:0:0:0:1") == [("tcp", 22), ("tcp", 80)]
+    root = merged(tmp_path, p1, p2, target="0:0:0:0:0:0:0:1", hostnames=("v6.test", "LOCALHOST"))
+    host = root.find("host")
+    assert host is not None
+    assert [h.attrib for h in host.findall("hostnames/hostname")] == [
+        {"name": "localhost", "type": "PTR"},
+        {"name": "v6.test", "type": "user"},
+    ]
+    assert script_ids(port(root, "tcp", 22)) == ["ssh-hostkey", "banner"]
+    assert len(port(root, "tcp", 22).findall("script/table")) == 2
+    assert script_ids(port(root, "tcp", 80)) == ["http-server-header", "http-title", "http-methods"]
+    methods = port(root, "tcp", 80).findall("script[@id='http-methods']/table/elem")
+    assert [(e.get("key"), e.text) for e in methods] == [("1", "GET"), ("2", "HEAD")]
+    assert port(root, "tcp", 443).find("state").get("state") == "closed"  # type: ignore[union-attr]
+    assert [s.get("id") for s in host.findall("hostscript/script")] == ["address-info", "fcrdns"]
+    assert host.find("hostscript/script[@id='fcrdns']/elem").get("key") == "1"  # type: ignore[union-attr]
+    assert host.find("trace/hop").get("host") == "localhost"  # type: ignore[union-attr]
+    assert [child.tag for child in host][-3:] == ["hostscript", "trace", "times"]
+
+    out = (tmp_path / "merged.xml").read_bytes()
+    result, raw2 = python_nmap(out)["::1"], python_nmap(p2.read_bytes())["::1"]
+    for portid in (22, 80):
+        assert result["tcp"][portid]["script"] == raw2["tcp"][portid]["script"]
+        assert result["tcp"][portid]["product"] == raw2["tcp"][portid]["product"]
+    assert result["hostscript"] == raw2["hostscript"]
+
+
+def test_handmade_phase2_cut_inside_os_is_treated_as_absent(tmp_path: Path) -> None:
+    cut = fixture("handmade/phase2-os-truncated.xml")
+    merge_reports(fixture("phase1.xml"), None, tmp_path / "none.xml", target_ip=TARGET, hostnames=())
+    root = merged(tmp_path, fixture("phase1.xml"), cut)
+    assert (tmp_path / "merged.xml").read_bytes() == (tmp_path / "none.xml").read_bytes()
+    assert root.find("host/os") is None
