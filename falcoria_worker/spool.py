@@ -20,6 +20,7 @@ report is harmless for every import mode: it writes the same data again and adds
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -69,6 +70,17 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_committed(*paths: Path) -> None:
+    """fsync after a rename that has already happened. A failure is logged, not raised: the state change
+    stands either way, and the worst a lost fsync can do after a crash is bring the entry back, which
+    means a second upload, never a lost one."""
+    for path in paths:
+        try:
+            _fsync_dir(path)
+        except OSError as exc:
+            log.error("spool: fsync of %s failed after a rename: %s", path, exc)
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -129,10 +141,16 @@ class Spool:
             if final.exists():
                 raise FileExistsError(f"task {name} is already in the spool")
             # A directory rename never replaces a non-empty directory, so two racing puts cannot both win.
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise FileExistsError(f"task {name} is already in the spool") from None
+                raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        # Unlike the other changes, a put must be durable before the caller acks the task: no quiet fsync.
         _fsync_dir(self.pending_dir)
         return SpoolEntry(name, project, mode, track_history, final / REPORT, created)
 
@@ -144,6 +162,9 @@ class Spool:
         entries = []
         for child in self.pending_dir.iterdir():
             if child.name.startswith("."):
+                continue
+            if not child.is_dir():
+                log.warning("spool: ignoring %s: not an entry", child.name)
                 continue
             entry = self._load(child)
             if entry is not None:
@@ -180,7 +201,7 @@ class Spool:
         gone = self.pending_dir / f".done-{name}"
         shutil.rmtree(gone, ignore_errors=True)
         os.rename(self.pending_dir / name, gone)
-        _fsync_dir(self.pending_dir)
+        _fsync_committed(self.pending_dir)
         shutil.rmtree(gone, ignore_errors=True)
 
     def fail(self, entry: SpoolEntry, reason: str) -> None:
@@ -198,8 +219,7 @@ class Spool:
                 dest = self.failed_dir / f"{path.name}+{n}"
                 n += 1
             os.rename(path, dest)
-        _fsync_dir(self.failed_dir)
-        _fsync_dir(self.pending_dir)
+        _fsync_committed(self.failed_dir, self.pending_dir)
 
 
 def _fields(entry: SpoolEntry) -> dict[str, str]:
@@ -251,6 +271,8 @@ class Deliverer(threading.Thread):
         is a single rename, so even a stop that times out leaves the spool consistent."""
         self._stopping.set()
         self._wake.set()
+        if self.ident is None:
+            return  # never started
         self.join(timeout)
         if self.is_alive():
             log.warning("spool: delivery still busy with an upload after %.0f s", timeout)
@@ -313,6 +335,8 @@ class Deliverer(threading.Thread):
             self._finish(entry, key)
         self._outages = 0
         due = [t for _, t in self._retry.values()]
+        if self._delivered:  # a removal to retry
+            due.append(time.monotonic() + self._backoff(1))
         return (max(0.0, min(due) - time.monotonic()) if due else None), True
 
     def _outage(self, exc: Exception, retry_after: float | None, pending: int) -> tuple[float, bool]:
@@ -359,7 +383,11 @@ class Deliverer(threading.Thread):
         try:
             self._spool.done(entry)
         except OSError:
-            log.exception("spool: task %s delivered but not removed; will retry the removal", entry.task_id)
+            log.exception(
+                "spool: task %s delivered but not removed; retrying the removal",
+                entry.task_id,
+                extra=_fields(entry),
+            )
             return
         self._delivered.discard(key)
         self._report(entry, None)

@@ -162,3 +162,9 @@ def test_a_put_killed_midway_leaves_no_entry(tmp_path: Path) -> None:
     assert restarted.pending() == []
     assert not restarted.has("t1")
     assert list(restarted.pending_dir.iterdir()) == []
+
+
+def test_stray_files_in_pending_are_not_entries(spool: Spool, report: Path) -> None:
+    entry = _put(spool, "t1", report)
+    (spool.pending_dir / "notes.txt").write_text("an operator's file")
+    assert spool.pending() == [entry]
