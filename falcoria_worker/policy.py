@@ -173,7 +173,7 @@ def _extra_flag_problem(flag: object) -> str | None:
     if len(flag) == 2:  # getopt_long_only reads "-x" as the short option x
         return "takes a value" if flag[1] in _NMAP_VALUE_SHORT else None
     bare = flag.lstrip("-")
-    if any(name.startswith(bare) for name in _NMAP_VALUE_LONG) or flag in _VALUE_OPTIONS:
+    if any(name.startswith(bare) for name in _NMAP_VALUE_LONG):
         return "takes a value"
     return None
 
