@@ -359,7 +359,9 @@ def _attached(token: str) -> tuple[str, str | None]:
     if token.startswith("--") and "=" in token:
         name, value = token.split("=", 1)
         return name, value
-    if token[:2] in ("-p", "-T") and len(token) > 2:
+    # getopt_long_only reads "-privileged" as --privileged, not as -p "rivileged": a lower-case letter after
+    # -p or -T starts a long option, refused (with its own reason) as a whole token.
+    if token[:2] in ("-p", "-T") and len(token) > 2 and not token[2].islower():
         return token[:2], token[2:]
     return token, None
 
