@@ -14,7 +14,11 @@ Check = tuple[bool, str, str]
 
 
 def run_checks(settings: Settings) -> Iterator[Check]:
-    yield True, "config", f"loaded (instance {settings.instance}, node {settings.node_name}@{settings.hostname})"
+    yield (
+        True,
+        "config",
+        f"loaded (instance {settings.instance}, node {settings.node_name}@{settings.hostname})",
+    )
     for name, probe in (
         ("nmap", lambda: _nmap(settings)),
         ("raw sockets", _raw),
@@ -63,8 +67,7 @@ def _state_dir(settings: Settings) -> tuple[bool, str]:
 def _redis(settings: Settings) -> tuple[bool, str]:
     from falcoria_worker.state import redis_client
 
-    client = redis_client(settings, socket_timeout=3)
-    client.ping()
+    redis_client(settings).ping()
     return True, f"{settings.redis_host}:{settings.redis_port} db {settings.redis_db} answers"
 
 
@@ -77,10 +80,18 @@ def _rabbitmq(settings: Settings) -> tuple[bool, str]:
         conn.ensure_connection(max_retries=1)
         try:
             # passive: a health check must not create Tasker's queue
-            _name, messages, consumers = conn.channel().queue_declare(settings.nmap_scan_queue_name, passive=True)
+            _name, messages, consumers = conn.channel().queue_declare(
+                settings.nmap_scan_queue_name, passive=True
+            )
         except NotFound:
-            return True, f"{where}: connected; {settings.nmap_scan_queue_name} not declared yet (Tasker or `run` will)"
-    return True, f"{where}: {settings.nmap_scan_queue_name} has {messages} message(s), {consumers} consumer(s)"
+            return (
+                True,
+                f"{where}: connected; {settings.nmap_scan_queue_name} not declared yet (Tasker or `run` will)",
+            )
+    return (
+        True,
+        f"{where}: {settings.nmap_scan_queue_name} has {messages} message(s), {consumers} consumer(s)",
+    )
 
 
 def _scanledger(settings: Settings) -> tuple[bool, str]:
@@ -88,7 +99,12 @@ def _scanledger(settings: Settings) -> tuple[bool, str]:
         return True, f"not configured: results stay in {settings.state_dir}/results"
     from falcoria_worker.ledger import ScanLedger
 
-    ledger = ScanLedger(settings.backend_base_url, settings.worker_backend_token,
-                        ca_bundle=settings.scanledger_ca_bundle or None, timeout=5)
+    ledger = ScanLedger(
+        settings.backend_base_url, settings.worker_backend_token, ca_bundle=_ca(settings), timeout=5
+    )
     ledger.health()
     return True, f"{settings.backend_base_url} answers"
+
+
+def _ca(settings: Settings) -> str | None:
+    return str(settings.scanledger_ca_bundle) if settings.scanledger_ca_bundle else None

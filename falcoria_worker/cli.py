@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from falcoria_worker import __version__, caps
-from falcoria_worker.config import Settings
+from falcoria_worker.checks import _ca
+from falcoria_worker.config import Settings, secret_values
 from falcoria_worker.errors import Cancelled, ConfigError, Rejected, ScanFailed, WorkerError
 from falcoria_worker.model import Phase, parse_task
 from falcoria_worker.pipeline import Engine
@@ -32,10 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--instance", help="instance name (the N of falcoria-worker@N)")
-    common.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="extra KEY=VALUE file, above /etc/falcoria-worker/worker.conf")
-    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting (highest precedence)")
+    common.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="extra KEY=VALUE file, above /etc/falcoria-worker/worker.conf",
+    )
+    common.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting (highest precedence)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("run", parents=[common], help="consume Tasker's queue (what the systemd unit runs)")
@@ -48,8 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--no-services", action="store_true", help="skip phase 2 (service detection)")
     scan.add_argument("--timeout", type=int, default=600, help="seconds per phase (default 600)")
     scan.add_argument("--hostname", action="append", default=[], help="hostname of the target (repeatable)")
-    scan.add_argument("--allow", action="append", default=[], metavar="CIDR",
-                      help="allow this network although the scope would refuse it (e.g. 127.0.0.1/32)")
+    scan.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="allow this network although the scope would refuse it (e.g. 127.0.0.1/32)",
+    )
     scan.add_argument("-o", "--output", type=Path, help="merged XML report (default ./falcoria-<target>.xml)")
     scan.add_argument("--project", help="ScanLedger project id: upload the report there")
     scan.add_argument("--mode", default="append", choices=["insert", "replace", "update", "append"])
@@ -64,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         overrides = _parse_sets(args.set)
-        loaded = load(instance=args.instance, overrides=overrides, config_files=[Path(p) for p in args.config])
+        loaded = load(
+            instance=args.instance, overrides=overrides, config_files=[Path(p) for p in args.config]
+        )
     except ConfigError as exc:
         print(f"falcoria-worker: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -77,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "register-ip": _register_ip,
     }[args.command]
     _setup_logging(settings, interactive=args.command != "run")
+    for warning in loaded.warnings:
+        log.warning("%s", warning)
     try:
         return command(args, settings)
     except ConfigError as exc:
@@ -99,10 +119,16 @@ def _parse_sets(pairs: Sequence[str]) -> dict[str, str]:
 def _setup_logging(settings: Settings, *, interactive: bool) -> None:
     from falcoria_worker.logs import setup_logging
 
-    secrets = [s for s in (settings.worker_backend_token, settings.rabbitmq_password, settings.redis_pass) if s]
+    secrets = [
+        s for s in (settings.worker_backend_token, settings.rabbitmq_password, settings.redis_pass) if s
+    ]
     # Interactive commands talk to a terminal; only `run` writes to the journal when it is there.
-    setup_logging(settings.logger_level, instance=settings.instance, secrets=secrets,
-                  journal=False if interactive else None)
+    setup_logging(
+        settings.logger_level,
+        instance=settings.instance,
+        secrets=secrets,
+        journal=False if interactive else None,
+    )
 
 
 def engine_from(settings: Settings, *, extra_allow: Sequence[str] = ()) -> Engine:
@@ -122,8 +148,11 @@ def engine_from(settings: Settings, *, extra_allow: Sequence[str] = ()) -> Engin
 def _nmap_path(settings: Settings) -> str:
     found = shutil.which(settings.nmap_path)
     if found is None:
-        raise ConfigError("NMAP_PATH", f"'{settings.nmap_path}' is not an executable on PATH",
-                          "install nmap (apt install nmap) or set NMAP_PATH to its full path")
+        raise ConfigError(
+            "NMAP_PATH",
+            f"'{settings.nmap_path}' is not an executable on PATH",
+            "install nmap (apt install nmap) or set NMAP_PATH to its full path",
+        )
     return found
 
 
@@ -218,7 +247,9 @@ def _scan(args: argparse.Namespace, settings: Settings) -> int:
     try:
         error = result.get("error")
         if error is not None:
-            print(f"scan {'cancelled' if isinstance(error, Cancelled) else 'failed'}: {error}", file=sys.stderr)
+            print(
+                f"scan {'cancelled' if isinstance(error, Cancelled) else 'failed'}: {error}", file=sys.stderr
+            )
             return 130 if isinstance(error, Cancelled) else 1
         outcome = result["outcome"]
         for note in outcome.notes:  # type: ignore[attr-defined]
@@ -243,7 +274,9 @@ def _table(rows: Sequence[object]) -> str:
         for r in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = "\n".join("  ".join(col.ljust(w) for col, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+    text = "\n".join(
+        "  ".join(col.ljust(w) for col, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
     return text if rows else text + "\n(no ports listed)"
 
 
@@ -254,8 +287,12 @@ def _upload(settings: Settings, project: str, mode: str, report: Path) -> int:
     if not settings.backend_base_url:
         print("not uploaded: BACKEND_BASE_URL is not set", file=sys.stderr)
         return 1
-    ledger = ScanLedger(settings.backend_base_url, settings.worker_backend_token,
-                        ca_bundle=settings.scanledger_ca_bundle or None, timeout=settings.scanledger_timeout)
+    ledger = ScanLedger(
+        settings.backend_base_url,
+        settings.worker_backend_token,
+        ca_bundle=_ca(settings),
+        timeout=settings.scanledger_timeout,
+    )
     try:
         ips = ledger.upload(project, mode, True, report)
     except (Retryable, DeliveryRejected) as exc:
@@ -283,8 +320,6 @@ def _config(loaded: object) -> int:
     width = max(len(key) for key, _value, _source in rows)
     for key, value, source in rows:
         print(f"{key.ljust(width)} = {value}    # {source}")
-    for key in getattr(loaded, "unknown_keys", ()):
-        print(f"warning: unknown setting {key} (ignored; a typo?)", file=sys.stderr)
     return 0
 
 
@@ -319,20 +354,35 @@ def _run(_args: argparse.Namespace, settings: Settings) -> int:
 
     engine = engine_from(settings)
     raw = caps.raw_sockets()
-    log.info("falcoria-worker %s starting as %s@%s; %s", __version__, settings.node_name, settings.hostname,
-             caps.describe())
+    log.info(
+        "falcoria-worker %s starting as %s@%s; %s",
+        __version__,
+        settings.node_name,
+        settings.hostname,
+        caps.describe(),
+    )
     if raw is caps.RawSockets.NONE:
         log.warning("no raw sockets: SYN, UDP and OS scans will be refused; grant CAP_NET_RAW")
     state = RedisState(redis_client(settings), settings.hostname, status_ttl=settings.status_ttl)
     spool = deliverer = None
     if settings.backend_base_url:
         spool = Spool(Path(settings.state_dir) / "spool")
-        ledger = ScanLedger(settings.backend_base_url, settings.worker_backend_token,
-                            ca_bundle=settings.scanledger_ca_bundle or None, timeout=settings.scanledger_timeout)
-        deliverer = Deliverer(spool, ledger, on_result=lambda e, err: on_delivered(state, e, err),
-                              backoff_max=settings.upload_backoff_max)
+        ledger = ScanLedger(
+            settings.backend_base_url,
+            settings.worker_backend_token,
+            ca_bundle=_ca(settings),
+            timeout=settings.scanledger_timeout,
+        )
+        deliverer = Deliverer(
+            spool,
+            ledger,
+            on_result=lambda e, err: on_delivered(state, e, err),
+            backoff_max=settings.upload_backoff_max,
+        )
     else:
         log.warning("BACKEND_BASE_URL is not set: results stay in %s/results", settings.state_dir)
-    worker = Worker(settings, engine=engine, state=state, notifier=Notifier(), spool=spool, deliverer=deliverer)
+    worker = Worker(
+        settings, engine=engine, state=state, notifier=Notifier(), spool=spool, deliverer=deliverer
+    )
     worker.register_ip()
     return worker.run()

@@ -112,10 +112,17 @@ class Engine:
         run1 = self._run_phase(
             Phase.PORTS,
             argv.phase1_argv(
-                task, plan.ports_opts, nmap=self.nmap, privileged=self.privileged,
-                xml_path=str(phase1_xml), stats_every=self.stats_every,
+                task,
+                plan.ports_opts,
+                nmap=self.nmap,
+                privileged=self.privileged,
+                xml_path=str(phase1_xml),
+                stats_every=self.stats_every,
             ),
-            workdir / "phase1", task.timeout, cancel, hooks,
+            workdir / "phase1",
+            task.timeout,
+            cancel,
+            hooks,
         )
         durations["ports_scan"] = run1.duration
         if run1.cancelled or cancel.is_set():
@@ -125,7 +132,9 @@ class Engine:
         if run1.returncode != 0:
             raise ScanFailed(f"nmap exited with {run1.returncode} in the open-ports scan: {run1.stderr_tail}")
         if not merge.host_found(phase1_xml):
-            return Outcome(None, (), ("nmap reported no host (down or filtered); nothing to import",), durations)
+            return Outcome(
+                None, (), ("nmap reported no host (down or filtered); nothing to import",), durations
+            )
 
         ports = tuple(merge.open_ports(phase1_xml, task.ip))
         notes: list[str] = []
@@ -139,16 +148,26 @@ class Engine:
             run2 = self._run_phase(
                 Phase.SERVICES,
                 argv.phase2_argv(
-                    task, plan.service_opts, ports, nmap=self.nmap, privileged=self.privileged,
-                    xml_path=str(phase2_xml), stats_every=self.stats_every,
+                    task,
+                    plan.service_opts,
+                    ports,
+                    nmap=self.nmap,
+                    privileged=self.privileged,
+                    xml_path=str(phase2_xml),
+                    stats_every=self.stats_every,
                 ),
-                workdir / "phase2", task.timeout, cancel, hooks,
+                workdir / "phase2",
+                task.timeout,
+                cancel,
+                hooks,
             )
             durations["service_scan"] = run2.duration
             if run2.cancelled or cancel.is_set():
                 raise Cancelled("cancelled during the service scan")
             if run2.timed_out:
-                notes.append(f"service detection timed out after {task.timeout} s; open ports delivered without it")
+                notes.append(
+                    f"service detection timed out after {task.timeout} s; open ports delivered without it"
+                )
                 phase2_xml = None
             elif run2.returncode != 0:
                 notes.append(f"service detection failed (nmap exited {run2.returncode}): {run2.stderr_tail}")

@@ -56,6 +56,8 @@ UPDATE_IP_TASK = "worker.update_ip"
 
 LOOP_TIMEOUT = 0.1  # seconds drain_events may block: bounds how late the loop notices anything
 PROGRESS_WRITE_INTERVAL = 1.0
+METADATA_GRACE = 3.0  # seconds to wait for Tasker's tracking keys, written right after it publishes
+TERMINAL_STATES = frozenset({TaskState.COMPLETED.value, TaskState.FAILED.value, TaskState.CANCELLED.value})
 REVOKED_MEMORY = 10_000  # revoked ids kept in memory (Celery keeps 50,000; Redis holds them too)
 
 
@@ -95,7 +97,7 @@ def current_ip(settings: Settings) -> str | None:
     """The IP Tasker shows for this worker: configured, else the operator's echo URL, else the local
     source address of the default route. Never a third-party service."""
     if settings.worker_ip:
-        return settings.worker_ip
+        return str(settings.worker_ip)
     if settings.ip_echo_url:
         try:
             return echo_ip(settings.ip_echo_url, timeout=5.0)
@@ -132,6 +134,9 @@ class Worker:
         self.events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self.handbacks: list[Running] = []
         self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="scan")
+        # Finishing rejected tasks waits for Tasker's tracking keys; that must not hold a scan slot.
+        self.janitor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="janitor")
+        self._backlog_lock = threading.Lock()
         self.stop_requested = False
         self.redis_ok = False
         self.broker_ok = False
@@ -236,14 +241,23 @@ class Worker:
             bcast = Queue(f"bcast.{uuid.uuid4()}", exchange=exchange, routing_key="celery", auto_delete=True)
             Consumer(channel, queues=[bcast], on_message=handler, no_ack=True).consume()
         mailbox = Mailbox(
-            "celery", type="fanout", accept=["json"], queue_ttl=300.0, reply_queue_ttl=300.0,
-            queue_expires=10.0, reply_queue_expires=10.0,
+            "celery",
+            type="fanout",
+            accept=["json"],
+            queue_ttl=300.0,
+            reply_queue_ttl=300.0,
+            queue_expires=10.0,
+            reply_queue_expires=10.0,
         )(self.conn)
         node = mailbox.Node(
             hostname=self.nodename,
             state=self,
             channel=channel,
-            handlers={"ping": self._pidbox_ping, "revoke": self._pidbox_revoke, "active": self._pidbox_active},
+            handlers={
+                "ping": self._pidbox_ping,
+                "revoke": self._pidbox_revoke,
+                "active": self._pidbox_active,
+            },
         )
         node.listen(channel=channel)
         self.producer = Producer(channel)
@@ -397,8 +411,10 @@ class Worker:
             self._accept_scan(message, raw)
         except redis.RedisError as exc:
             # Without Redis nothing can be recorded: give the message back and stop taking work.
-            log.warning("Redis unavailable while accepting a task (%s); message returned to the queue",
-                        self._describe(exc))
+            log.warning(
+                "Redis unavailable while accepting a task (%s); message returned to the queue",
+                self._describe(exc),
+            )
             message.requeue()
             self.redis_ok = False
             self._update_consumption()
@@ -428,15 +444,22 @@ class Worker:
             except Rejected as exc:
                 log.error("rejected task: %s", exc.reason)
                 self.state.set_status(task_id, TaskState.FAILED, error=f"rejected: {exc.reason}")
-                self.state.cleanup_partial(task_id, data)
+                self.janitor.submit(self._clean_rejected, task_id, data)
                 message.ack()
                 return
         with task_context(task_id=task_id, project_id=task.project, target=task.ip):
-            skip = self._skip_reason(task_id)
-            if skip:
-                log.info("not scanning: %s", skip)
+            finished = self.state.get_status(task_id).get("state")
+            if finished in TERMINAL_STATES:
+                # A redelivered copy of a task that already ended (e.g. re-queued by a crash
+                # between the hand-back publish and the lease release): its keys are gone.
+                log.warning("duplicate delivery of a task that already ended (%s); dropped", finished)
+                message.ack()
+                return
+            if task_id in self.revoked or self.state.is_revoked(task_id):
+                log.info("not scanning: revoked before it started")
+                # Tasker's stop removed the lock already; a rescan may hold a new one by now.
                 self.state.cleanup(task_id, task, include_lock=False)
-                self.state.set_status(task_id, TaskState.CANCELLED, error=skip)
+                self.state.set_status(task_id, TaskState.CANCELLED, error="revoked before it started")
                 message.ack()
                 return
             verdict = self.state.claim(
@@ -449,7 +472,7 @@ class Worker:
             if verdict == "poison":
                 reason = f"gave up after {self.settings.max_attempts} attempts: the worker died each time"
                 log.error("%s", reason)
-                self._finish_redis(task_id, task, TaskState.FAILED, error=reason)
+                self.janitor.submit(self._finish_rejected, task_id, task, reason)
                 message.ack()
                 return
             try:
@@ -457,7 +480,7 @@ class Worker:
             except (Rejected, ScanFailed) as exc:
                 reason = exc.reason if isinstance(exc, Rejected) else str(exc)
                 log.error("rejected task: %s", reason)
-                self._finish_redis(task_id, task, TaskState.FAILED, error=f"rejected: {reason}")
+                self.janitor.submit(self._finish_rejected, task_id, task, f"rejected: {reason}")
                 message.ack()
                 return
             running = Running(task_id, task, raw)
@@ -470,14 +493,32 @@ class Worker:
             log.info("received scan of %s (mode %s, timeout %d s)", task.ip, task.mode.value, task.timeout)
             self.pool.submit(self._execute, running, plan)
 
-    def _skip_reason(self, task_id: str) -> str | None:
-        if task_id in self.revoked or self.state.is_revoked(task_id):
-            return "revoked before it started"
-        if self.settings.require_task_metadata and not self.state.metadata_exists(task_id):
-            # Tasker deletes the metadata when it stops a project; a redelivered duplicate of a
-            # finished task finds it gone as well.
-            return "Tasker's task metadata is gone (stopped by Tasker, or already finished)"
-        return None
+    def _await_tracking(self, task_id: str) -> bool:
+        """Tasker writes its tracking keys just *after* publishing, so a quick worker can get here
+        first. Wait for the metadata briefly; if it never comes, Tasker stopped the task."""
+        deadline = time.monotonic() + METADATA_GRACE
+        while True:
+            if self.state.metadata_exists(task_id):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    def _clean_rejected(self, task_id: str, data: object) -> None:
+        with task_context(task_id=task_id):
+            try:
+                self._await_tracking(task_id)
+                self.state.cleanup_partial(task_id, data)
+            except redis.RedisError as exc:
+                log.warning("cleanup of a rejected task failed: %s", exc)
+
+    def _finish_rejected(self, task_id: str, task: ScanTask, reason: str) -> None:
+        with task_context(task_id=task_id, project_id=task.project, target=task.ip):
+            try:
+                self._await_tracking(task_id)
+                self._finish_redis(task_id, task, TaskState.FAILED, error=reason)
+            except redis.RedisError as exc:
+                log.warning("cleanup of a rejected task failed: %s", exc)
 
     # ------------------------------------------------------------------ scan threads
 
@@ -486,13 +527,19 @@ class Worker:
         with task_context(task_id=task_id, project_id=task.project, target=task.ip):
             state, error, delivery = TaskState.FAILED, None, None
             workdir = self.work_root / task_id
+            keep_lock = False
             try:
+                if self.settings.require_task_metadata and not self._await_tracking(task_id):
+                    keep_lock = True  # Tasker's stop removed it; a rescan may own that lock now
+                    raise Cancelled("Tasker's task metadata is gone: the task was stopped")
                 outcome = self.engine.execute(plan, workdir, running.cancel, _Hooks(self, running))
                 delivery = self._store(task_id, task, outcome.report)
                 state = TaskState.COMPLETED
                 error = "; ".join(outcome.notes) or None
                 log.info(
-                    "scan finished: %d open port(s)%s", len(outcome.open_ports), f" ({error})" if error else ""
+                    "scan finished: %d open port(s)%s",
+                    len(outcome.open_ports),
+                    f" ({error})" if error else "",
                 )
             except Cancelled as exc:
                 state, error = TaskState.CANCELLED, str(exc)
@@ -511,10 +558,13 @@ class Worker:
                     # worker owns it now (lease lost). Only our own traces are removed.
                     self.state.clear_running(task_id)
                 else:
-                    self._finish_redis(task_id, task, state, error=error, delivery=delivery)
+                    self._finish_redis(
+                        task_id, task, state, error=error, delivery=delivery, include_lock=not keep_lock
+                    )
             except redis.RedisError as exc:
                 log.warning("Redis unavailable at the end of the task (%s); cleanup deferred", exc)
-                self._redis_backlog.append((task_id, task, state, error, delivery, running))
+                with self._backlog_lock:
+                    self._redis_backlog.append((task_id, task, state, error, delivery, running))
             self.events.put(("done", task_id))
 
     def _store(self, task_id: str, task: ScanTask, report: Path | None) -> str | None:
@@ -522,8 +572,9 @@ class Worker:
         if report is None:
             return "nothing to import"
         if self.spool is not None:
-            self.spool.put(task_id, report, project=task.project, mode=task.mode.value,
-                           track_history=task.track_history)
+            self.spool.put(
+                task_id, report, project=task.project, mode=task.mode.value, track_history=task.track_history
+            )
             if self.deliverer:
                 self.deliverer.wake()
             return "pending"
@@ -533,16 +584,23 @@ class Worker:
         return f"stored in {target}"
 
     def _finish_redis(
-        self, task_id: str, task: ScanTask, state: TaskState, *, error: str | None = None,
+        self,
+        task_id: str,
+        task: ScanTask,
+        state: TaskState,
+        *,
+        error: str | None = None,
         delivery: str | None = None,
+        include_lock: bool = True,
     ) -> None:
         extra = {"delivery": delivery} if delivery else {}
-        self.state.cleanup(task_id, task)
+        self.state.cleanup(task_id, task, include_lock=include_lock)
         self.state.set_status(task_id, state, error=error, worker=self.nodename, **extra)
         self.state.release(task_id, self.owner)
 
     def _flush_redis_backlog(self) -> None:
-        backlog, self._redis_backlog = self._redis_backlog, []
+        with self._backlog_lock:
+            backlog, self._redis_backlog = self._redis_backlog, []
         for i, args in enumerate(backlog):
             try:
                 task_id, task, state, error, delivery, running = args
@@ -551,7 +609,8 @@ class Worker:
                 else:
                     self._finish_redis(task_id, task, state, error=error, delivery=delivery)
             except redis.RedisError:
-                self._redis_backlog.extend(backlog[i:])
+                with self._backlog_lock:
+                    self._redis_backlog[:0] = backlog[i:]
                 self.redis_ok = False
                 return
 
@@ -611,8 +670,14 @@ class Worker:
 
     def _pidbox_active(self, _state: object, **_kwargs: Any) -> list[dict[str, Any]]:
         return [
-            {"id": r.task_id, "name": SCAN_TASK, "hostname": self.nodename, "target": r.task.ip,
-             "phase": r.phase.value if r.phase else "received", "percent": r.percent}
+            {
+                "id": r.task_id,
+                "name": SCAN_TASK,
+                "hostname": self.nodename,
+                "target": r.task.ip,
+                "phase": r.phase.value if r.phase else "received",
+                "percent": r.percent,
+            }
             for r in self.running.values()
         ]
 
@@ -720,7 +785,9 @@ class Worker:
         raw = RawMessage.loads(text)
         try:
             decoded = protocol.decode_task_message(
-                raw.headers, raw.body.encode("utf-8"), raw.properties.get("content_type") or "application/json",
+                raw.headers,
+                raw.body.encode("utf-8"),
+                raw.properties.get("content_type") or "application/json",
                 raw.properties.get("content_encoding") or "utf-8",
             )
             return parse_task(decoded.args[0])
@@ -746,6 +813,7 @@ class Worker:
             if running.proc is not None:
                 running.proc.cancel()
         self.pool.shutdown(wait=True)
+        self.janitor.shutdown(wait=True)
         self._collect_events()
         if self.handbacks or self._pending_republish:
             try:
@@ -772,7 +840,10 @@ class Worker:
         channel = self.conn.channel()
         self.scan_exchange = Exchange(s.exchange_name, type=s.exchange_type, durable=True)
         self.scan_queue = Queue(
-            s.nmap_scan_queue_name, exchange=self.scan_exchange, routing_key=s.nmap_scan_routing_key, durable=True
+            s.nmap_scan_queue_name,
+            exchange=self.scan_exchange,
+            routing_key=s.nmap_scan_routing_key,
+            durable=True,
         )
         self.producer = Producer(channel)
         self.broker_ok = True

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.support.netns",
     "tests.support.services",
     "tests.fakes.scanledger",
+    "tests.support.workerproc",
 ]
