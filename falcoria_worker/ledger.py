@@ -13,7 +13,6 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from types import TracebackType
 from typing import NoReturn
 from urllib.parse import quote
 
@@ -169,11 +168,6 @@ class MultipartFile(io.RawIOBase):
     def close(self) -> None:
         self._file.close()
         super().close()
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 class ScanLedger:

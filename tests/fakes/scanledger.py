@@ -5,6 +5,16 @@ status code it would answer. It follows scanledger:app/projects/parsers/new_cust
 nmap_to_internal.py (every attribute read with `attrib[...]` or converted with `int()` is required) plus
 the verified facts of contract §5.2a. The fake refuses everything the real server refuses, with the same
 status code; it must never be more lenient, or our tests would pass against reports production rejects.
+
+`FakeScanLedger` serves GET /health and POST /projects/{id}/ips/import on 127.0.0.1 (HTTP, or HTTPS with
+`tls=`): bearer tokens checked by sha256 hash, admin vs member access, 401/404/413/422/500 as in §5.1-5.2.
+It records accepted uploads and rejected requests, and injects faults: fail_next(), fail_for(), delay(),
+refuse()/resume() (the listening socket closed, then reopened on the same port).
+The `scanledger` pytest fixture yields a started fake with an admin `token` and a `project`.
+Out of process (system tests, benchmarks):
+    python -m tests.fakes.scanledger --host H --port N --token-file F --project UUID [--state-file S]
+prints "listening on URL" and serves GET /_fake/uploads, GET /_fake/rejections and POST /_fake/fail
+({"status", "count"} | {"status", "seconds"} | {"delay"} | {"refuse_seconds"} | {"clear"}).
 """
 
 from __future__ import annotations
