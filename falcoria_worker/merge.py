@@ -4,8 +4,9 @@ Every function streams its input with iterparse and clears what it has handled, 
 for a host with all 65,535 ports open in both phases. The merge walks phase 1 and phase 2 side by side:
 nmap writes a host's ports in numeric order, TCP before UDP and SCTP (PortList::nextPort), so the phase-2
 port that phase 1 needs next is normally the next one read. Ports read ahead are held as serialized bytes
-until phase 1 reaches them. A phase 2 that breaks that order is noticed and the merge restarts holding
-all of phase 2's ports (correct, only larger); a broken phase 2 restarts it without phase 2.
+until phase 1 reaches them. A phase 2 that breaks that order is noticed and the merge restarts reading
+ahead until each port is found (correct, but it may hold all of phase 2's ports); a broken phase 2
+restarts it without phase 2.
 
 ScanLedger (contract §5.2, §5.2a) answers 500 for a `<script>` holding an `<elem>` without `key`, and for a
 host without `<ports>`, so both are repaired here. DOCTYPE, comments and the stylesheet PI are dropped by
@@ -64,7 +65,7 @@ class _Phase2Broken(Exception):
 
 
 class _Phase2Unordered(Exception):
-    """Phase 2's ports are not in nmap's order: the merge restarts holding all of them."""
+    """Phase 2's ports are not in nmap's order: the merge restarts without relying on that order."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ class _Phase2:
     """Pull interface over `_phase2_items` for the phase-1 walk. Any failure becomes _Phase2Broken."""
 
     def __init__(self, path: Path | None, target: str, *, in_order: bool) -> None:
-        self._in_order = in_order  # trust nmap's port order (else every port is read before the first)
+        self._in_order = in_order  # trust nmap's port order; else read on until the port or the end
         self._items: Iterator[_Phase2Item] = iter(()) if path is None else _phase2_items(path, target)
         self._pending: dict[PortRef, bytes] = {}
         self._last: PortRef | None = None
