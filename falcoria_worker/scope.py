@@ -1,9 +1,11 @@
 """Target scope: which addresses this worker may scan at all, whatever the task says.
 
-The most specific network containing the target decides (longest prefix), and a tie between an allow and
-a deny entry denies. The built-in deny list is always present. A configured allow list replaces the
-allow-all default, so allowing 127.0.0.1/32 opens exactly that address (it is more specific than the
-built-in 127.0.0.0/8) while allowing 127.0.0.0/8 opens nothing (a tie).
+The most specific network containing the target decides (longest prefix). Between networks of the same
+prefix, what the operator configured beats what is built in, and a deny beats an allow of the same
+origin: SCOPE_DENY > SCOPE_ALLOW > built-in deny > the allow-all default. The built-in deny list is always
+present. A configured allow list replaces the allow-all default, so allowing 127.0.0.1/32 opens exactly
+that address, and allowing 127.0.0.0/8 opens loopback (an operator naming the very network the built-in
+list denies means it), while SCOPE_ALLOW and SCOPE_DENY naming the same network deny.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from falcoria_worker.errors import ConfigError, Rejected
 
 Network = IPv4Network | IPv6Network
+
+# Precedence between entries of the same prefix length (higher wins).
+_DEFAULT_ALLOW, _BUILTIN_DENY, _CONFIGURED_ALLOW, _CONFIGURED_DENY = range(4)
 
 # Addresses that are never a scan target: this host, link-local neighbours, multicast and reserved space.
 BUILTIN_DENY: dict[Network, str] = {
@@ -67,13 +72,19 @@ class Scope:
             raise Rejected(f"target {ip!r} refused: not an IP address", field="ip")
         # An IPv4-mapped IPv6 address reaches the IPv4 host, so it is judged as that host.
         checked = _unmapped(address)
-        allowed = _most_specific(checked, self.allow)
-        denied = _most_specific(checked, self.deny)
-        if denied is not None and (allowed is None or denied.prefixlen >= allowed.prefixlen):
-            raise Rejected(f"target {ip} refused: in denied network {denied}{_label(denied)}", field="ip")
-        if allowed is None:
+        allow_rank = _DEFAULT_ALLOW if self.allow == DEFAULT_ALLOW else _CONFIGURED_ALLOW
+        candidates = [(n.prefixlen, allow_rank, n) for n in _containing(checked, self.allow)]
+        candidates += [
+            (n.prefixlen, _BUILTIN_DENY if i < len(BUILTIN_DENY) else _CONFIGURED_DENY, n)
+            for i, n in enumerate(self.deny)
+            if n.version == checked.version and checked in n
+        ]
+        if not candidates:
             shown = ", ".join(str(network) for network in self.allow)
             raise Rejected(f"target {ip} refused: not in any allowed network ({shown})", field="ip")
+        _prefix, rank, network = max(candidates, key=lambda c: (c[0], c[1]))
+        if rank in (_BUILTIN_DENY, _CONFIGURED_DENY):
+            raise Rejected(f"target {ip} refused: in denied network {network}{_label(network)}", field="ip")
 
 
 def _unmapped(address: IPv4Address | IPv6Address) -> IPv4Address | IPv6Address:
@@ -82,11 +93,8 @@ def _unmapped(address: IPv4Address | IPv6Address) -> IPv4Address | IPv6Address:
     return address
 
 
-def _most_specific(address: IPv4Address | IPv6Address, networks: Iterable[Network]) -> Network | None:
-    containing = [
-        network for network in networks if network.version == address.version and address in network
-    ]
-    return max(containing, key=lambda network: network.prefixlen, default=None)
+def _containing(address: IPv4Address | IPv6Address, networks: Iterable[Network]) -> list[Network]:
+    return [network for network in networks if network.version == address.version and address in network]
 
 
 def _label(network: Network) -> str:

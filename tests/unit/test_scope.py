@@ -1,5 +1,6 @@
-"""scope.Scope: longest prefix wins, a tie denies, the built-in deny list is always there, a configured allow
-list replaces allow-all, and IPv4-mapped IPv6 is judged as the IPv4 host."""
+"""scope.Scope: longest prefix wins, on a tie configured beats built-in and deny beats allow, the built-in
+deny list is always there, a configured allow list replaces allow-all, and IPv4-mapped IPv6 is judged as
+the IPv4 host."""
 
 from __future__ import annotations
 
@@ -61,9 +62,15 @@ def test_more_specific_allow_beats_builtin_deny() -> None:
     assert "in denied network 127.0.0.0/8 (loopback, built-in)" in refusal(scope, "127.0.0.2")
 
 
-def test_tie_denies() -> None:
+def test_configured_allow_beats_builtin_deny_of_the_same_network() -> None:
     scope = Scope.from_strings(allow=["127.0.0.0/8"])
-    assert "in denied network 127.0.0.0/8" in refusal(scope, "127.0.0.1")
+    scope.check("127.0.0.1")
+    scope.check("127.3.4.5")
+    wider = Scope.from_strings(allow=["127.0.0.0/8", "169.0.0.0/8"])
+    assert "169.254.0.0/16" in refusal(wider, "169.254.1.1")
+
+
+def test_tie_between_configured_allow_and_deny_denies() -> None:
     scope = Scope.from_strings(allow=["192.0.2.0/24"], deny=["192.0.2.0/24"])
     assert "in denied network 192.0.2.0/24 (SCOPE_DENY)" in refusal(scope, "192.0.2.5")
 
