@@ -451,7 +451,9 @@ class _Merger:
             self._out.write(_dump(elem))
 
     def _end_host_child(self, elem: ET.Element) -> None:
-        if elem.tag == "address" and not self._header_written and len(self._host.findall("address")) == 1:
+        # The first <address> names the host. Compare by identity, not by counting: iterparse has
+        # usually parsed ahead, so a LAN host's MAC address is already in the tree at this event.
+        if elem.tag == "address" and not self._header_written and self._host.find("address") is elem:
             self._is_target = not self._target_seen and _norm_ip(elem.get("addr", "")) == self._target
             self._target_seen = self._target_seen or self._is_target
         elif elem.tag == "ports":

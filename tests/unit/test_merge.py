@@ -521,3 +521,19 @@ def test_handmade_phase2_cut_inside_os_is_treated_as_absent(tmp_path: Path) -> N
     root = merged(tmp_path, fixture("phase1.xml"), cut)
     assert (tmp_path / "merged.xml").read_bytes() == (tmp_path / "none.xml").read_bytes()
     assert root.find("host/os") is None
+
+
+def test_lan_host_with_a_mac_address_keeps_phase2_and_task_hostnames(tmp_path: Path) -> None:
+    # Regression: the target was recognised by counting <address> children at the first one's end
+    # event, but iterparse had already parsed the MAC address, so every LAN host lost its phase 2.
+    lan = "10.250.176.2"
+    out = tmp_path / "out.xml"
+    merge_reports(
+        fixture("lan-phase1.xml"), fixture("lan-phase2.xml"), out, target_ip=lan, hostnames=["svc.test"]
+    )
+    root = ET.parse(out).getroot()  # noqa: S314 - our own test output
+    host = root.find("host")
+    assert script_ids(port(root, "tcp", 80)) == ["http-server-header", "http-title"]
+    assert port(root, "tcp", 22).find("service").get("product") == "OpenSSH"
+    assert [h.get("name") for h in host.iter("hostname")] == ["svc.test"]
+    assert check_report(out.read_bytes()) == [lan]
