@@ -28,10 +28,11 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import amqp
+import kombu.pools
 import redis
 from celery import Celery
 
@@ -255,8 +256,21 @@ class Tasker:
 
     # ------------------------------------------------------------------ remote control
 
+    def _control(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except (OSError, amqp.exceptions.AMQPError):
+            # kombu's connection pools are global per broker URL, so they outlive this Tasker and may hold
+            # a connection the broker has closed since (vhost reset, broker restart), and Celery does not
+            # retry a broadcast on it. Drop the pools, and the app that caches one, and try once more.
+            kombu.pools.reset()
+            if self._celery is not None:
+                self._celery.close()
+                self._celery = None
+            return call()
+
     def revoke(self, task_id: str) -> None:
-        self.celery.control.revoke(task_id, terminate=False)
+        self._control(lambda: self.celery.control.revoke(task_id, terminate=False))
 
     def stop_project(self, project: str | uuid.UUID) -> dict[str, Any]:
         """Tasker's revoke_project_tasks: the user set is not cleaned (a known upstream leak)."""
@@ -282,7 +296,7 @@ class Tasker:
 
     def ping(self, timeout: float = 1.0) -> dict[str, Any]:
         """{nodename: {"ok": "pong"}} of every worker that answered within `timeout`."""
-        return self.celery.control.inspect(timeout=timeout).ping() or {}
+        return self._control(lambda: self.celery.control.inspect(timeout=timeout).ping()) or {}
 
     def refresh_liveness(self, timeout: float = 1.0) -> list[str]:
         """One round of Tasker's liveness loop: ping, then HSET last_seen + EXPIRE 90 per hostname."""
