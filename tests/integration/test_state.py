@@ -375,3 +375,11 @@ def test_state_survives_a_redis_restart(redis_server: RedisServer, r: redis.Redi
     redis_server.restart()
     assert state.owned_by("A") == []
     assert state.claim("t1", "A", 60, "m", 3, now=20) == "claimed"
+
+
+def test_flush_brings_back_a_stopped_server(redis_server: RedisServer, state: RedisState) -> None:
+    redis_server.stop()
+    with pytest.raises(redis.ConnectionError):
+        state.ping()
+    redis_server.flush()
+    state.ping()

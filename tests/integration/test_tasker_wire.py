@@ -399,3 +399,12 @@ def test_status_counts_what_the_worker_writes(tasker: Tasker, redis_server: Redi
     assert tasker.status(project) == {"active_or_queued": 0, "running": 0, "running_targets": []}
     assert tasker.leftover_keys() == []
     assert tasker.locked_ips(project) == set()
+
+
+def test_tasker_publishes_again_after_a_broker_restart(tasker: Tasker, clean_broker: RabbitMQ) -> None:
+    first = tasker.send_scan(ip="127.0.0.2")
+    clean_broker.restart()
+    second = tasker.send_scan(ip="127.0.0.3")
+    # The durable queue and the persistent message survived the restart; the new one joined it.
+    ids = [decode(m).task_id for m in consume(clean_broker, [worker_scan_queue()], 2, lambda: None)]
+    assert ids == [first, second]

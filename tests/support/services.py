@@ -249,6 +249,11 @@ class RedisServer:
         return redis.Redis(host=self.host, port=self.port, password=self.password, **options)  # type: ignore[arg-type]
 
     def flush(self) -> None:
+        """Empty every db, starting the server first if an earlier test stopped it and failed before
+        starting it again (so one broken fault test does not fail every test after it)."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = None
+            self.start()
         with self.client() as c:
             c.flushall()
 
@@ -546,6 +551,8 @@ def rabbitmq(services_run_dir: Path) -> Iterator[RabbitMQ]:
 @pytest.fixture
 def clean_broker(rabbitmq: RabbitMQ) -> RabbitMQ:
     """The broker with an empty test vhost: no queue, exchange or connection left by an earlier test."""
+    if not rabbitmq.pid_file.exists():  # an earlier fault test stopped it and failed before start()
+        rabbitmq.start()
     rabbitmq.reset_vhost()
     return rabbitmq
 

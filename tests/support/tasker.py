@@ -184,11 +184,19 @@ class Tasker:
         exchange: str = SCAN_EXCHANGE,
         routing_key: str = SCAN_ROUTING_KEY,
     ) -> None:
-        """Publish any message, a forged or malformed one included, as anyone with broker access can."""
-        if exchange == SCAN_EXCHANGE:
-            self.declare_scan_queue()
+        """Publish any message, a forged or malformed one included, as anyone with broker access can.
+        A connection the broker dropped (restart) is replaced once, as Celery's publish retry does."""
         message = amqp.Message(body, application_headers=dict(headers), **dict(properties))
-        self._chan().basic_publish(message, exchange=exchange, routing_key=routing_key)
+        for attempt in (1, 2):
+            try:
+                if exchange == SCAN_EXCHANGE:
+                    self.declare_scan_queue()
+                self._chan().basic_publish(message, exchange=exchange, routing_key=routing_key)
+                return
+            except (OSError, amqp.exceptions.ConnectionError):
+                self.close_amqp()
+                if attempt == 2:
+                    raise
 
     def _send(self, name: str, args: Sequence[Any], *, exchange: str, routing_key: str) -> str:
         task_id = str(uuid.uuid4())
