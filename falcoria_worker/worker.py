@@ -572,6 +572,11 @@ class Worker:
         if report is None:
             return "nothing to import"
         if self.spool is not None:
+            if self.spool.has(task_id):
+                # A re-run of a task whose result is already waiting (the lease outlived a crash
+                # right after the spool write): deliver that one, never two.
+                log.warning("a result for this task is already spooled; keeping it")
+                return "pending"
             self.spool.put(
                 task_id, report, project=task.project, mode=task.mode.value, track_history=task.track_history
             )
