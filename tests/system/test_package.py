@@ -1,0 +1,291 @@
+"""The .deb in a booted Debian 12: install, units, refusal without a broker, running instances with
+CAP_NET_RAW only, restart through the target and on upgrade, journal, purge.
+
+One scenario in order (the tests share the container and build on each other's state): install ->
+inspect -> start unconfigured -> configure and run @1 and @2 -> restarts -> purge.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.services import RabbitMQ, RedisServer
+from tests.system import harness
+from tests.system.conftest import FACTS, TIMINGS
+
+pytestmark = pytest.mark.system
+
+USER = "falcoria-worker"
+INSTANCES = ("falcoria-worker@1.service", "falcoria-worker@2.service")
+CAP_NET_RAW = 1 << 13
+DEB_INSIDE = "/root/falcoria-worker.deb"
+
+
+@pytest.fixture(scope="module")
+def box(system_container: harness.Container, falcoria_deb: Path) -> harness.Container:
+    """The container with the package installed from its file (no network: the deps are in the rootfs)."""
+    system_container.copy_in(falcoria_deb, DEB_INSIDE)
+    started = time.monotonic()
+    system_container.run("apt-get", "install", "-y", DEB_INSIDE, timeout=300)
+    TIMINGS["deb install in container"] = time.monotonic() - started
+    return system_container
+
+
+def _invocations(box: harness.Container) -> dict[str, str]:
+    return {unit: box.show(unit, "InvocationID")["InvocationID"] for unit in INSTANCES}
+
+
+def _wait_state(box: harness.Container, unit: str, states: set[str], timeout: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    props: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        props = box.show(
+            unit, "ActiveState", "SubState", "Result", "ExecMainStatus", "NRestarts", "StatusText"
+        )
+        if props["ActiveState"] in states:
+            return props
+        time.sleep(0.2)
+    return props
+
+
+# --- installation --------------------------------------------------------------------------------------
+
+
+def test_install_creates_a_static_system_user(box: harness.Container) -> None:
+    name, _, uid, gid, _, home, shell = box.run("getent", "passwd", USER).stdout.strip().split(":")
+    assert 0 < int(uid) < 1000, f"{name} uid {uid} is not a system uid (Debian: below 1000)"
+    assert box.run("getent", "group", USER).stdout.split(":")[2] == gid
+    assert (home, shell) == ("/var/lib/falcoria-worker", "/usr/sbin/nologin")
+
+
+def test_install_lays_out_files_with_safe_modes(box: harness.Container) -> None:
+    def stat(path: str) -> str:
+        return box.run("stat", "-c", "%a %U %G", path).stdout.strip()
+
+    assert stat("/etc/falcoria-worker/worker.conf") == f"640 root {USER}"
+    assert stat("/etc/falcoria-worker/credentials") == "700 root root"
+    assert (
+        box.run("readlink", "-f", "/usr/bin/falcoria-worker").stdout.strip()
+        == "/opt/venvs/falcoria-worker/bin/falcoria-worker"
+    )
+    box.run("test", "-f", "/usr/share/man/man8/falcoria-worker.8.gz")
+    conffiles = box.run("dpkg-query", "-W", "-f=${Conffiles}", "falcoria-worker").stdout
+    assert "/etc/falcoria-worker/worker.conf" in conffiles
+
+
+def test_install_enables_the_target_but_starts_no_worker(box: harness.Container) -> None:
+    assert box.systemctl("is-enabled", "falcoria-worker.target").stdout.strip() == "enabled"
+    assert box.systemctl("is-active", "falcoria-worker.target").stdout.strip() == "active"
+    running = box.systemctl("list-units", "--no-legend", "--all", "falcoria-worker@*").stdout
+    assert running.strip() == "", f"an instance exists right after install:\n{running}"
+
+
+def test_units_verify_inside(box: harness.Container) -> None:
+    # --man=no: minbase has no man-db; the page itself is checked above.
+    proc = box.run(
+        "systemd-analyze",
+        "verify",
+        "--man=no",
+        "falcoria-worker@1.service",
+        "falcoria-worker.target",
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_security_gate_on_the_installed_unit(box: harness.Container) -> None:
+    inside = box.run(
+        "systemd-analyze",
+        "security",
+        "--no-pager",
+        "--threshold=20",
+        "falcoria-worker@1.service",
+        check=False,
+    )
+    assert inside.returncode == 0, inside.stdout + inside.stderr
+    score = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", inside.stdout)
+    assert score, inside.stdout
+    FACTS["exposure of the installed unit (live, 0-10)"] = float(score[1])
+    # The same gate the CI runs on the checkout, here against the container's installed tree.
+    gate = subprocess.run(
+        [str(harness.REPO / "scripts/security-gate"), "--root", str(box.root)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert gate.returncode == 0, gate.stdout + gate.stderr
+
+
+def test_version_and_check_inside(box: harness.Container, falcoria_deb: Path) -> None:
+    version = falcoria_deb.name.split("_")[1]
+    assert box.run("falcoria-worker", "--version").stdout.strip() == f"falcoria-worker {version}"
+    check = box.run("falcoria-worker", "check", check=False)
+    # No broker is configured yet, so some checks fail; the command itself must not crash.
+    assert check.returncode in (0, 1), check.stdout + check.stderr
+    assert "Traceback" not in check.stdout + check.stderr
+    assert "nmap" in check.stdout
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="TODO(cli): `run` must refuse a broker nobody configured (RABBITMQ_HOST only from the built-in "
+    "default) with exit 2 and the reason; today it waits for localhost until TimeoutStartSec",
+)
+def test_unconfigured_instance_refuses_to_start(box: harness.Container) -> None:
+    """Decision: the program refuses (exit 2, reason in the journal), the unit does not restart on 2."""
+    unit = INSTANCES[0]
+    box.systemctl("start", "--no-block", unit)
+    props = _wait_state(box, unit, {"failed", "inactive"}, timeout=20)
+    box.systemctl("stop", unit)
+    box.systemctl("reset-failed", unit)
+    assert props["ActiveState"] == "failed", f"no refusal within 20 s: {props}"
+    assert (props["ExecMainStatus"], props["NRestarts"]) == ("2", "0"), props
+    log = box.journal("-u", unit, "-o", "cat")
+    assert "RABBITMQ_HOST" in log, log
+
+
+# --- running instances ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def configured(box: harness.Container, bridge_services: tuple[RedisServer, RabbitMQ]) -> harness.Container:
+    """worker.conf pointing at the host's Redis and RabbitMQ; their passwords as LoadCredential= files."""
+    redis_server, broker = bridge_services
+    host = box.lab.host_ip
+    conf = box.root / "etc/falcoria-worker/worker.conf"
+    # Appended, so that the shipped file's owner and mode (root:falcoria-worker 0640) stay as they are.
+    with conf.open("a") as handle:
+        handle.write(
+            f"\nRABBITMQ_HOST={host}\nRABBITMQ_PORT={broker.port}\nRABBITMQ_USER={broker.user}\n"
+            f"RABBITMQ_VHOST={broker.vhost}\nREDIS_HOST={host}\nREDIS_PORT={redis_server.port}\n"
+            f"REDIS_DB={redis_server.db}\n"
+        )
+    box.write("/etc/falcoria-worker/credentials/rabbitmq_password", broker.password, mode=0o600)
+    box.write("/etc/falcoria-worker/credentials/redis_pass", redis_server.password, mode=0o600)
+    return box
+
+
+def test_instances_start_ready_with_cap_net_raw_only(configured: harness.Container) -> None:
+    box = configured
+    started = time.monotonic()
+    # As the man page says; Type=notify: returns once both sent READY=1.
+    start = box.systemctl("enable", "--now", *INSTANCES, timeout=120)
+    TIMINGS["start @1+@2 until READY"] = time.monotonic() - started
+    assert start.returncode == 0, start.stderr + box.journal(
+        "-u", "falcoria-worker@*", "-n", "40", "-o", "cat"
+    )
+    for unit in INSTANCES:
+        props = box.show(unit, "ActiveState", "SubState", "MainPID", "StatusText", "User")
+        assert (props["ActiveState"], props["SubState"]) == ("active", "running"), props
+        status = box.proc_status(int(props["MainPID"]))
+        uids = status["Uid"].split()
+        assert uids[0] != "0" and len(set(uids)) == 1, status["Uid"]
+        for caps in ("CapEff", "CapPrm", "CapAmb", "CapBnd"):
+            assert int(status[caps], 16) == CAP_NET_RAW, f"{unit} {caps}={status[caps]}"
+        assert status["NoNewPrivs"] == "1"
+
+
+def test_target_restart_restarts_every_instance(configured: harness.Container) -> None:
+    before = _invocations(configured)
+    assert configured.systemctl("restart", "falcoria-worker.target", timeout=120).returncode == 0
+    after = _invocations(configured)
+    for unit in INSTANCES:
+        assert configured.systemctl("is-active", unit).stdout.strip() == "active", unit
+        assert after[unit] != before[unit], f"{unit} was not restarted"
+
+
+def test_upgrade_restarts_running_instances(configured: harness.Container) -> None:
+    before = _invocations(configured)
+    configured.run("apt-get", "install", "-y", "--reinstall", DEB_INSIDE, timeout=300)
+    after = _invocations(configured)
+    for unit in INSTANCES:
+        assert configured.systemctl("is-active", unit).stdout.strip() == "active", unit
+        assert after[unit] != before[unit], f"{unit} kept running the old code"
+
+
+def test_journal_is_readable_from_the_host(configured: harness.Container) -> None:
+    for unit in INSTANCES:
+        text = configured.host_journal("-u", unit, "-o", "cat")
+        assert "falcoria-worker" in text, f"nothing of {unit} in the journal seen from the host"
+
+
+def test_scan_with_the_units_sandbox_as_the_service_user(configured: harness.Container) -> None:
+    """A SYN scan by `falcoria-worker scan` under the unit's own [Service] hardening (CAP_NET_RAW only,
+    MemoryDenyWriteExecute, the system call filter, ...) finds exactly the target's open ports."""
+    box = configured
+    props = _sandbox_properties(box.run("cat", "/lib/systemd/system/falcoria-worker@.service").stdout)
+    target, ports = next(iter(box.lab.targets.items()))
+    probe = sorted({*ports, 443})
+    args = [arg for prop in props for arg in ("-p", prop)]
+    scan = box.run(
+        "systemd-run",
+        "--wait",
+        "--pipe",
+        "--quiet",
+        *args,
+        "-p",
+        "WorkingDirectory=/tmp",
+        "falcoria-worker",
+        "scan",
+        target,
+        "--ports",
+        ",".join(map(str, probe)),
+        "--ports-opts",
+        "-sS -n -Pn",
+        "--no-services",
+        "-o",
+        "/tmp/report.xml",
+        check=False,
+    )
+    assert scan.returncode == 0, scan.stdout + scan.stderr
+    open_ports = {int(m[1]) for m in re.finditer(r"^(\d+)/tcp\s+open\b", scan.stdout, re.M)}
+    assert open_ports == set(ports), scan.stdout
+
+
+def _sandbox_properties(unit_text: str) -> list[str]:
+    """The [Service] settings of the installed unit that shape the process (not its lifecycle)."""
+    lifecycle = {
+        "Type",
+        "NotifyAccess",
+        "ExecStart",
+        "WatchdogSec",
+        "Restart",
+        "RestartSec",
+        "RestartPreventExitStatus",
+        "TimeoutStartSec",
+        "TimeoutStopSec",
+        "KillMode",
+        "SyslogIdentifier",
+    }
+    section = unit_text.split("[Service]", 1)[1].split("\n[", 1)[0]
+    props = []
+    for line in section.splitlines():
+        key, sep, _ = line.partition("=")
+        if sep and not line.startswith("#") and key not in lifecycle and "%i" not in line:
+            props.append(line)
+    return props
+
+
+# --- removal -------------------------------------------------------------------------------------------
+
+
+def test_purge_leaves_only_the_user(box: harness.Container) -> None:
+    box.run("apt-get", "purge", "-y", "falcoria-worker", timeout=300)
+    assert box.systemctl("list-units", "--no-legend", "--all", "falcoria-worker*").stdout.strip() == ""
+    assert box.run("pgrep", "-u", USER, check=False).returncode == 1, "processes of the user survived"
+    left = box.shell(
+        "find / -xdev \\( -path /proc -o -path /sys -o -path /root \\) -prune -o -name '*falcoria*' -print",
+        check=False,
+    ).stdout.split()
+    assert left == [], f"left behind after purge: {left}"
+    assert (
+        box.run("dpkg-statoverride", "--list", "/etc/falcoria-worker/worker.conf", check=False).returncode
+        == 1
+    )
+    # Debian practice keeps system users on purge (files may still carry the uid).
+    box.run("getent", "passwd", USER)
