@@ -249,6 +249,20 @@ class RedisState:
     def metadata_exists(self, task_id: str) -> bool:
         return bool(self.r.exists(keys.metadata_key(task_id)))
 
+    def tasker_stopped(self, task_id: str, task: ScanTask) -> bool:
+        """Whether Tasker stopped the task: its metadata is gone *and* so is its lock.
+
+        Tasker takes the lock before it publishes but writes the metadata only after publish returns
+        (tasker:app/tasks/service.py send_single_nmap_task), and while it sends a batch its event loop
+        runs other targets' blocking publishes first; an idle worker can receive the message before the
+        metadata exists. Metadata missing with the lock present is such a just-sent task, not a stopped one.
+        """
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.exists(keys.metadata_key(task_id))
+            pipe.exists(keys.lock_key(task.project, task.ip, task.open_ports_str))
+            metadata, lock = pipe.execute()
+        return not metadata and not lock
+
     def refresh_lock(self, task: ScanTask, ttl: int) -> None:
         self._refresh_lock(keys=[keys.lock_key(task.project, task.ip, task.open_ports_str)], args=[ttl])
 

@@ -180,6 +180,18 @@ def test_metadata_exists(r: redis.Redis, state: RedisState) -> None:
     assert state.metadata_exists(task_id)
 
 
+def test_tasker_stopped_needs_both_metadata_and_lock_gone(r: redis.Redis, state: RedisState) -> None:
+    task, task_id = make_task(), str(uuid.uuid4())
+    lock = keys.lock_key(PROJECT, task.ip, task.open_ports_str)
+    r.set(lock, "1", ex=130)  # Tasker locked and published, its metadata write still on its way
+    assert not state.tasker_stopped(task_id, task)
+    r.hset(f"task:{task_id}:metadata:nmap", mapping={"ip": task.ip, "ports": task.open_ports_str})
+    r.delete(lock)  # the lock ran out while the task waited in the queue
+    assert not state.tasker_stopped(task_id, task)
+    r.delete(f"task:{task_id}:metadata:nmap")  # Tasker's stop deletes both
+    assert state.tasker_stopped(task_id, task)
+
+
 def test_refresh_lock_extends_but_never_shortens_or_creates(r: redis.Redis, state: RedisState) -> None:
     task = make_task()
     lock = keys.lock_key(PROJECT, task.ip, task.open_ports_str)
