@@ -214,6 +214,26 @@ def test_journal_is_readable_from_the_host(configured: harness.Container) -> Non
         assert "falcoria-worker" in text, f"nothing of {unit} in the journal seen from the host"
 
 
+def test_stopping_the_target_stops_every_instance_cleanly(configured: harness.Container) -> None:
+    """SIGTERM to the main process only (KillMode=mixed); an idle worker exits well inside TimeoutStopSec.
+
+    Instances are ordered Before= the target, so `systemctl stop falcoria-worker.target` returns once the
+    target is down and the instances' stop jobs run on (prerm names the instances too, and so waits)."""
+    box = configured
+    since = box.run("date", "+%Y-%m-%d %H:%M:%S").stdout.strip()
+    started = time.monotonic()
+    assert box.systemctl("stop", "falcoria-worker.target", timeout=120).returncode == 0
+    for unit in INSTANCES:
+        props = _wait_state(box, unit, {"inactive", "failed"}, timeout=35)
+        assert (props["ActiveState"], props["Result"]) == ("inactive", "success"), f"{unit}: {props}"
+    TIMINGS["stop @1+@2 through the target"] = time.monotonic() - started
+    log = box.journal("-u", "falcoria-worker@*", "--since", since, "-o", "cat")
+    assert "SIGKILL" not in log and "timed out" not in log, log
+    box.systemctl("start", "falcoria-worker.target", timeout=120)  # enabled instances come back with it
+    for unit in INSTANCES:
+        assert box.systemctl("is-active", unit).stdout.strip() == "active", unit
+
+
 def test_scan_with_the_units_sandbox_as_the_service_user(configured: harness.Container) -> None:
     """A SYN scan by `falcoria-worker scan` under the unit's own [Service] hardening (CAP_NET_RAW only,
     MemoryDenyWriteExecute, the system call filter, ...) finds exactly the target's open ports."""
