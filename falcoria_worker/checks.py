@@ -84,10 +84,8 @@ def _rabbitmq(settings: Settings) -> tuple[bool, str]:
                 settings.nmap_scan_queue_name, passive=True
             )
         except NotFound:
-            return (
-                True,
-                f"{where}: connected; {settings.nmap_scan_queue_name} not declared yet (Tasker or `run` will)",
-            )
+            queue = settings.nmap_scan_queue_name
+            return True, f"{where}: connected; {queue} not declared yet (Tasker or `run` will)"
     return (
         True,
         f"{where}: {settings.nmap_scan_queue_name} has {messages} message(s), {consumers} consumer(s)",

@@ -119,14 +119,13 @@ def _parse_sets(pairs: Sequence[str]) -> dict[str, str]:
 def _setup_logging(settings: Settings, *, interactive: bool) -> None:
     from falcoria_worker.logs import setup_logging
 
-    secrets = [
-        s for s in (settings.worker_backend_token, settings.rabbitmq_password, settings.redis_pass) if s
-    ]
     # Interactive commands talk to a terminal; only `run` writes to the journal when it is there.
+    # The identifier matches the unit's SyslogIdentifier=, so `journalctl -t falcoria-worker-1` works.
     setup_logging(
         settings.logger_level,
         instance=settings.instance,
-        secrets=secrets,
+        secrets=secret_values(settings),
+        identifier=f"falcoria-worker-{settings.instance}",
         journal=False if interactive else None,
     )
 

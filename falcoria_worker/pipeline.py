@@ -119,10 +119,10 @@ class Engine:
                 xml_path=str(phase1_xml),
                 stats_every=self.stats_every,
             ),
-            workdir / "phase1",
-            task.timeout,
-            cancel,
-            hooks,
+            phase_dir=workdir / "phase1",
+            timeout=task.timeout,
+            cancel=cancel,
+            hooks=hooks,
         )
         durations["ports_scan"] = run1.duration
         if run1.cancelled or cancel.is_set():
@@ -156,10 +156,10 @@ class Engine:
                     xml_path=str(phase2_xml),
                     stats_every=self.stats_every,
                 ),
-                workdir / "phase2",
-                task.timeout,
-                cancel,
-                hooks,
+                phase_dir=workdir / "phase2",
+                timeout=task.timeout,
+                cancel=cancel,
+                hooks=hooks,
             )
             durations["service_scan"] = run2.duration
             if run2.cancelled or cancel.is_set():
@@ -181,6 +181,7 @@ class Engine:
         self,
         phase: Phase,
         args: Sequence[str],
+        *,
         phase_dir: Path,
         timeout: int,
         cancel: threading.Event,

@@ -85,15 +85,18 @@ return 1
 # KEYS: lease, leases-zset. ARGV: task_id, now, owner_hint ('' for none).
 _RECLAIM = """
 local owner, state, deadline = unpack(redis.call('HMGET', KEYS[1], 'owner', 'state', 'deadline'))
-if state ~= 'held' then
+if state ~= 'held' and state ~= 'released' then
   return false
 end
-if tonumber(deadline) > tonumber(ARGV[2]) and (ARGV[3] == '' or owner ~= ARGV[3]) then
+if tonumber(deadline) > tonumber(ARGV[2]) and (state == 'released' or ARGV[3] == '' or owner ~= ARGV[3]) then
   return false
 end
-redis.call('HSET', KEYS[1], 'state', 'released')
-redis.call('HDEL', KEYS[1], 'owner', 'deadline')
-redis.call('ZREM', KEYS[2], ARGV[1])
+-- Released, but still indexed with a re-publish deadline: if the re-publish is lost (the instance dies
+-- before it reaches the broker) and nobody claims the task by then, a sweep re-publishes it again.
+local republish_by = tonumber(ARGV[2]) + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'state', 'released', 'deadline', republish_by)
+redis.call('HDEL', KEYS[1], 'owner')
+redis.call('ZADD', KEYS[2], republish_by, ARGV[1])
 return redis.call('HGET', KEYS[1], 'message')
 """
 
@@ -367,12 +370,17 @@ class RedisState:
     def expired(self, now: float) -> list[str]:
         return [_text(i) for i in self.r.zrangebyscore(keys.LEASES_KEY, "-inf", now)]
 
-    def reclaim(self, task_id: str, owner_hint: str | None, now: float) -> str | None:
+    def reclaim(
+        self, task_id: str, owner_hint: str | None, now: float, republish_grace: float = 3600.0
+    ) -> str | None:
         """Take back a held lease that expired, or any held lease of `owner_hint` (an instance recovering
         its own tasks after a restart), and return its message for re-publishing. Atomic: of several
-        instances sweeping the same expired lease, exactly one gets the message."""
+        instances sweeping the same expired lease, exactly one gets the message. A released lease that
+        nobody claimed within `republish_grace` seconds is taken back again (its re-publish was lost);
+        the grace is long because a re-published task may wait in a busy queue for a while."""
         message = self._reclaim(
-            keys=[keys.lease_key(task_id), keys.LEASES_KEY], args=[task_id, repr(now), owner_hint or ""]
+            keys=[keys.lease_key(task_id), keys.LEASES_KEY],
+            args=[task_id, repr(now), owner_hint or "", repr(republish_grace)],
         )
         return None if message is None else _text(message)
 

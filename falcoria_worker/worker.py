@@ -18,12 +18,12 @@ Why the loop is ours and not a stock Celery worker (see also docs/design.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
 import shutil
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -57,6 +57,7 @@ UPDATE_IP_TASK = "worker.update_ip"
 LOOP_TIMEOUT = 0.1  # seconds drain_events may block: bounds how late the loop notices anything
 PROGRESS_WRITE_INTERVAL = 1.0
 METADATA_GRACE = 3.0  # seconds to wait for Tasker's tracking keys, written right after it publishes
+REPUBLISH_GRACE = 3600.0  # a re-published task nobody claimed by then is re-published again
 TERMINAL_STATES = frozenset({TaskState.COMPLETED.value, TaskState.FAILED.value, TaskState.CANCELLED.value})
 REVOKED_MEMORY = 10_000  # revoked ids kept in memory (Celery keeps 50,000; Redis holds them too)
 
@@ -268,10 +269,9 @@ class Worker:
 
     def _drop_connection(self) -> None:
         if self.conn is not None:
-            try:
+            # A dead connection may fail to close; it is gone either way.
+            with contextlib.suppress(Exception):
                 self.conn.release()
-            except Exception:  # noqa: S110 - a dead connection may fail to close; it is gone either way
-                pass
         self.conn = None
         self.scan_consumer = None
         self.consuming = False
@@ -297,14 +297,14 @@ class Worker:
     # ------------------------------------------------------------------ the loop
 
     def _serve(self) -> None:
-        assert self.conn is not None
+        conn = self.conn
+        if conn is None:
+            return
         while not self.stop_requested:
             self._tick()
-            try:
-                self.conn.drain_events(timeout=LOOP_TIMEOUT)
-            except (TimeoutError, socket.timeout):
-                pass
-            self.conn.heartbeat_check()
+            with contextlib.suppress(TimeoutError):  # nothing arrived: tick again
+                conn.drain_events(timeout=LOOP_TIMEOUT)
+            conn.heartbeat_check()
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -420,6 +420,16 @@ class Worker:
             self._update_consumption()
 
     def _accept_scan(self, message: Any, raw: RawMessage) -> None:
+        """Decide what to do with one scan message; every path but a Redis outage acks it."""
+        parsed = self._parse_scan(message)
+        if parsed is not None:
+            task_id, task = parsed
+            with task_context(task_id=task_id, project_id=task.project, target=task.ip):
+                self._admit(task_id, task, raw)
+        message.ack()
+
+    def _parse_scan(self, message: Any) -> tuple[str, ScanTask] | None:
+        """The task of a well-formed scan message; None (with the reason logged and stored) otherwise."""
         try:
             decoded = protocol.decode_task_message(
                 message.headers or {}, message.body, message.content_type, message.content_encoding
@@ -430,79 +440,80 @@ class Worker:
                 log.error("rejected an undecodable message: %s", exc.reason)
             if task_id and protocol_id_ok(task_id):
                 self.state.set_status(task_id, TaskState.FAILED, error=f"rejected: {exc.reason}")
-            message.ack()
-            return
+            return None
         task_id = decoded.task_id
         if decoded.name != SCAN_TASK:
             log.error("task %s on the scan queue is not %s; dropped", decoded.name[:100], SCAN_TASK)
-            message.ack()
-            return
+            return None
         data = decoded.args[0] if len(decoded.args) == 1 else None
-        with task_context(task_id=task_id):
-            try:
-                task = parse_task(data)
-            except Rejected as exc:
+        try:
+            return task_id, parse_task(data)
+        except Rejected as exc:
+            with task_context(task_id=task_id):
                 log.error("rejected task: %s", exc.reason)
-                self.state.set_status(task_id, TaskState.FAILED, error=f"rejected: {exc.reason}")
-                self.janitor.submit(self._clean_rejected, task_id, data)
-                message.ack()
-                return
-        with task_context(task_id=task_id, project_id=task.project, target=task.ip):
-            finished = self.state.get_status(task_id).get("state")
-            if finished in TERMINAL_STATES:
-                # A redelivered copy of a task that already ended (e.g. re-queued by a crash
-                # between the hand-back publish and the lease release): its keys are gone.
-                log.warning("duplicate delivery of a task that already ended (%s); dropped", finished)
-                message.ack()
-                return
-            if task_id in self.revoked or self.state.is_revoked(task_id):
-                log.info("not scanning: revoked before it started")
-                # Tasker's stop removed the lock already; a rescan may hold a new one by now.
-                self.state.cleanup(task_id, task, include_lock=False)
-                self.state.set_status(task_id, TaskState.CANCELLED, error="revoked before it started")
-                message.ack()
-                return
-            verdict = self.state.claim(
-                task_id, self.owner, self.settings.lease_ttl, raw.dumps(), self.settings.max_attempts
-            )
-            if verdict == "busy":
-                log.warning("duplicate delivery of a task another worker is running; dropped")
-                message.ack()
-                return
-            if verdict == "poison":
-                reason = f"gave up after {self.settings.max_attempts} attempts: the worker died each time"
-                log.error("%s", reason)
-                self.janitor.submit(self._finish_rejected, task_id, task, reason)
-                message.ack()
-                return
-            try:
-                plan = self.engine.prepare(task)
-            except (Rejected, ScanFailed) as exc:
-                reason = exc.reason if isinstance(exc, Rejected) else str(exc)
-                log.error("rejected task: %s", reason)
-                self.janitor.submit(self._finish_rejected, task_id, task, f"rejected: {reason}")
-                message.ack()
-                return
-            running = Running(task_id, task, raw)
-            self.running[task_id] = running
-            # Stop consuming before the ack: with prefetch 1, nothing else can arrive in between.
-            self._update_consumption()
-            message.ack()
-            self.state.mark_running(task_id, task, started_at=int(time.time()), worker=self.nodename)
-            self.state.set_status(task_id, TaskState.RECEIVED, worker=self.nodename)
-            log.info("received scan of %s (mode %s, timeout %d s)", task.ip, task.mode.value, task.timeout)
-            self.pool.submit(self._execute, running, plan)
+            self.state.set_status(task_id, TaskState.FAILED, error=f"rejected: {exc.reason}")
+            self.janitor.submit(self._clean_rejected, task_id, data)
+            return None
 
-    def _await_tracking(self, task_id: str) -> bool:
-        """Tasker writes its tracking keys just *after* publishing, so a quick worker can get here
-        first. Wait for the metadata briefly; if it never comes, Tasker stopped the task."""
+    def _admit(self, task_id: str, task: ScanTask, raw: RawMessage) -> None:
+        """Skip, refuse or start a parsed task. The caller acks afterwards."""
+        skip = self._skip_reason(task_id, task)
+        if skip is not None:
+            log.warning("not scanning: %s", skip)
+            return
+        verdict = self.state.claim(
+            task_id, self.owner, self.settings.lease_ttl, raw.dumps(), self.settings.max_attempts
+        )
+        if verdict == "busy":
+            log.warning("duplicate delivery of a task another worker is running; dropped")
+            return
+        if verdict == "poison":
+            reason = f"gave up after {self.settings.max_attempts} attempts: the worker died each time"
+            log.error("%s", reason)
+            self.janitor.submit(self._finish_rejected, task_id, task, reason)
+            return
+        try:
+            plan = self.engine.prepare(task)
+        except (Rejected, ScanFailed) as exc:
+            reason = exc.reason if isinstance(exc, Rejected) else str(exc)
+            log.error("rejected task: %s", reason)
+            self.janitor.submit(self._finish_rejected, task_id, task, f"rejected: {reason}")
+            return
+        self.state.mark_running(task_id, task, started_at=int(time.time()), worker=self.nodename)
+        self.state.set_status(task_id, TaskState.RECEIVED, worker=self.nodename)
+        running = Running(task_id, task, raw)
+        self.running[task_id] = running
+        # Stop consuming before the caller acks: with prefetch 1 nothing else can arrive in between.
+        self._update_consumption()
+        log.info("received scan of %s (mode %s, timeout %d s)", task.ip, task.mode.value, task.timeout)
+        self.pool.submit(self._execute, running, plan)
+
+    def _skip_reason(self, task_id: str, task: ScanTask) -> str | None:
+        finished = self.state.get_status(task_id).get("state")
+        if finished in TERMINAL_STATES:
+            # A redelivered copy of a task that already ended (e.g. re-queued by a crash between the
+            # hand-back publish and the lease release): nothing of it is left to touch.
+            return f"duplicate delivery of a task that already ended ({finished})"
+        if task_id in self.revoked or self.state.is_revoked(task_id):
+            # Tasker's stop removed the lock already; a rescan may hold a new one by now.
+            self.state.cleanup(task_id, task, include_lock=False)
+            self.state.set_status(task_id, TaskState.CANCELLED, error="revoked before it started")
+            return "revoked before it started"
+        return None
+
+    def _await_tracking(self, task_id: str, task: ScanTask | None = None) -> None:
+        """Tasker takes its lock, publishes, and only then writes the metadata and the task sets, so a
+        quick worker can get here first. Wait briefly for them, so that our cleanup never runs before
+        Tasker's writes (which would leave Tasker counting the task forever). No wait when Tasker has
+        clearly stopped the task (metadata and lock both gone) or the publisher is not Tasker."""
         deadline = time.monotonic() + METADATA_GRACE
-        while True:
+        while time.monotonic() < deadline:
             if self.state.metadata_exists(task_id):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
+                return
+            if task is not None and self.state.tasker_stopped(task_id, task):
+                return
+            # Without a parsed task there is no lock to look at: only the metadata can end the wait.
+            time.sleep(0.005 if task is not None else 0.05)
 
     def _clean_rejected(self, task_id: str, data: object) -> None:
         with task_context(task_id=task_id):
@@ -515,7 +526,7 @@ class Worker:
     def _finish_rejected(self, task_id: str, task: ScanTask, reason: str) -> None:
         with task_context(task_id=task_id, project_id=task.project, target=task.ip):
             try:
-                self._await_tracking(task_id)
+                self._await_tracking(task_id, task)
                 self._finish_redis(task_id, task, TaskState.FAILED, error=reason)
             except redis.RedisError as exc:
                 log.warning("cleanup of a rejected task failed: %s", exc)
@@ -529,9 +540,10 @@ class Worker:
             workdir = self.work_root / task_id
             keep_lock = False
             try:
-                if self.settings.require_task_metadata and not self._await_tracking(task_id):
+                self._await_tracking(task_id, task)
+                if self.settings.require_task_metadata and self.state.tasker_stopped(task_id, task):
                     keep_lock = True  # Tasker's stop removed it; a rescan may own that lock now
-                    raise Cancelled("Tasker's task metadata is gone: the task was stopped")
+                    raise Cancelled("stopped by Tasker: its metadata and lock are gone")
                 outcome = self.engine.execute(plan, workdir, running.cancel, _Hooks(self, running))
                 delivery = self._store(task_id, task, outcome.report)
                 state = TaskState.COMPLETED
@@ -745,7 +757,7 @@ class Worker:
                 self._republish_lease(task_id, owner_hint=self.owner)
 
     def _republish_lease(self, task_id: str, owner_hint: str | None) -> None:
-        text = self.state.reclaim(task_id, owner_hint, time.time())
+        text = self.state.reclaim(task_id, owner_hint, time.time(), republish_grace=REPUBLISH_GRACE)
         if text is None:
             return
         self._pending_republish.append((task_id, RawMessage.loads(text)))

@@ -41,7 +41,7 @@ def make_task(
             "include_services": include_services,
             "mode": "append",
             "user": {"id": str(uuid.uuid4()), "username": "admin"},
-            "open_ports_str": ports_opts.split("-p ")[-1].replace(",", " "),
+            "open_ports_str": ports_opts.rsplit("-p ", 1)[-1].replace(",", " "),
             "track_history": True,
         }
     )

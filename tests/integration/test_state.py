@@ -309,7 +309,19 @@ def test_reclaim_refuses_a_live_lease_of_another_owner(state: RedisState) -> Non
     # The owner restarting recovers its own live lease at once.
     assert state.reclaim("t1", "A", 30) == "m"
     assert state.owned_by("A") == []
-    assert state.expired(10**10) == []
+    assert state.expired(30 + 3599) == []  # released: waiting to be claimed again
+
+
+def test_lost_republish_is_taken_back_after_the_grace(state: RedisState) -> None:
+    assert state.claim("t1", "A", 60, "m", 3, now=0) == "claimed"
+    assert state.reclaim("t1", None, 100, republish_grace=500) == "m"
+    # The sweeper died before its publish reached the broker: nobody claims t1.
+    assert state.reclaim("t1", None, 599, republish_grace=500) is None
+    assert state.expired(601) == ["t1"]
+    assert state.reclaim("t1", None, 601, republish_grace=500) == "m"
+    # Once claimed again, the re-publish deadline is gone.
+    assert state.claim("t1", "B", 60, "m", 3, now=602) == "claimed"
+    assert state.reclaim("t1", None, 650, republish_grace=500) is None
 
 
 def test_poison_after_max_attempts(r: redis.Redis, state: RedisState) -> None:

@@ -289,3 +289,15 @@ def test_sigterm_hands_the_task_back_and_leaves_nothing_running(
     worker.start()  # the handed-back task runs again and is delivered once
     scanledger.wait_for(lambda f: len(f.uploads) == 1, timeout=120)
     wait_until(lambda: status(redis_server, task_id).get("state") == "completed", what="completed")
+
+
+def test_real_tasker_order_publish_before_tracking_is_not_a_stop(
+    tasker, worker_factory, netns_lab, redis_server
+) -> None:
+    """The real Tasker writes metadata and task sets just after publishing: an idle worker receives the
+    message first. That must neither skip the task nor leave Tasker's keys behind."""
+    worker_factory().start()
+    project = uuid.uuid4()
+    task_id = tasker.send_scan(**scan_fields(netns_lab.services, "80"), project=project, track_first=False)
+    wait_until(lambda: status(redis_server, task_id).get("state") == "completed", what="completed")
+    assert_clean_for_tasker(tasker, str(project))

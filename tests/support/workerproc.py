@@ -6,6 +6,7 @@ systemd would receive them, so tests can wait for READY and watch STATUS change.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -157,10 +158,8 @@ class WorkerProcess:
     def cleanup_nmap(self) -> None:
         """What systemd does to the rest of the unit's cgroup after its main process died."""
         for pid in self.nmap_pids():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
