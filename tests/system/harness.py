@@ -508,16 +508,23 @@ class Container:
             "journalctl", "-D", str(self.root / "var/log/journal"), "--no-pager", "-q", *args, check=False
         ).stdout
 
+    def path(self, inside: str) -> Path:
+        """Host path of an absolute path inside the running container, through /proc/<leader>/root so that
+        nspawn's own mounts (/run, /tmp, /dev) are the container's and not the unpacked tree's."""
+        if not self.leader:
+            raise HarnessError("container is not booted")
+        return Path(f"/proc/{self.leader}/root") / inside.lstrip("/")
+
     def copy_in(self, src: Path, dest: str, mode: int = 0o644) -> str:
         """Copy a host file to an absolute path inside the container; returns that path."""
-        target = self.root / dest.lstrip("/")
+        target = self.path(dest)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, target)
         target.chmod(mode)
         return dest
 
     def write(self, dest: str, text: str, mode: int = 0o644) -> str:
-        target = self.root / dest.lstrip("/")
+        target = self.path(dest)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
         target.chmod(mode)

@@ -157,7 +157,7 @@ def configured(box: harness.Container, bridge_services: tuple[RedisServer, Rabbi
     """worker.conf pointing at the host's Redis and RabbitMQ; their passwords as LoadCredential= files."""
     redis_server, broker = bridge_services
     host = box.lab.host_ip
-    conf = box.root / "etc/falcoria-worker/worker.conf"
+    conf = box.path("/etc/falcoria-worker/worker.conf")
     # Appended, so that the shipped file's owner and mode (root:falcoria-worker 0640) stay as they are.
     with conf.open("a") as handle:
         handle.write(
@@ -212,6 +212,38 @@ def test_journal_is_readable_from_the_host(configured: harness.Container) -> Non
     for unit in INSTANCES:
         text = configured.host_journal("-u", unit, "-o", "cat")
         assert "falcoria-worker" in text, f"nothing of {unit} in the journal seen from the host"
+    # The worker's own journal field tells the instances apart.
+    assert configured.host_journal("INSTANCE=2", "_SYSTEMD_UNIT=falcoria-worker@2.service", "-o", "cat")
+
+
+def test_watchdog_restarts_a_hung_worker(configured: harness.Container) -> None:
+    """A worker that stops feeding the watchdog (SIGSTOP) is aborted and restarted by systemd.
+
+    A runtime drop-in shortens WatchdogSec (60 s in the unit) so that this takes seconds."""
+    box = configured
+    unit = INSTANCES[1]
+    dropin = f"/run/systemd/system/{unit}.d/fast-watchdog.conf"
+    box.write(dropin, "[Service]\nWatchdogSec=4s\nTimeoutAbortSec=2s\n")
+    box.systemctl("daemon-reload", check=True)
+    try:
+        box.systemctl("restart", unit, check=True)
+        before = box.show(unit, "MainPID", "NRestarts")
+        started = time.monotonic()
+        box.run("kill", "-STOP", before["MainPID"])
+        deadline = time.monotonic() + 30
+        props = before
+        while time.monotonic() < deadline:
+            props = box.show(unit, "ActiveState", "SubState", "MainPID", "NRestarts")
+            if props["NRestarts"] != before["NRestarts"] and props["SubState"] == "running":
+                break
+            time.sleep(0.25)
+        TIMINGS["watchdog (4 s) kill + restart until READY"] = time.monotonic() - started
+        assert props["SubState"] == "running" and props["MainPID"] != before["MainPID"], props
+        assert "Watchdog timeout" in box.journal("-u", unit, "-o", "cat")
+    finally:
+        box.run("rm", "-rf", str(Path(dropin).parent))
+        box.systemctl("daemon-reload")
+        box.systemctl("restart", unit)
 
 
 def test_stopping_the_target_stops_every_instance_cleanly(configured: harness.Container) -> None:
@@ -296,7 +328,17 @@ def _sandbox_properties(unit_text: str) -> list[str]:
 
 def test_purge_leaves_only_the_user(box: harness.Container) -> None:
     box.run("apt-get", "purge", "-y", "falcoria-worker", timeout=300)
-    assert box.systemctl("list-units", "--no-legend", "--all", "falcoria-worker*").stdout.strip() == ""
+    # systemd may still list the instances as "not-found inactive" until it collects them; what matters is
+    # that no unit file is left and nothing of them runs or failed.
+    assert box.systemctl("list-unit-files", "--no-legend", "falcoria-worker*").stdout.strip() == ""
+    lingering = box.systemctl(
+        "list-units",
+        "--no-legend",
+        "--all",
+        "--state=active,activating,deactivating,failed",
+        "falcoria-worker*",
+    ).stdout
+    assert lingering.strip() == "", lingering
     assert box.run("pgrep", "-u", USER, check=False).returncode == 1, "processes of the user survived"
     left = box.shell(
         "find / -xdev \\( -path /proc -o -path /sys -o -path /root \\) -prune -o -name '*falcoria*' -print",
