@@ -140,10 +140,10 @@ def test_unconfigured_instance_refuses_to_start(box: harness.Container) -> None:
     """Decision: the program refuses (exit 2, reason in the journal), the unit does not restart on 2."""
     unit = INSTANCES[0]
     box.systemctl("start", "--no-block", unit)
-    props = _wait_state(box, unit, {"failed", "inactive"}, timeout=20)
+    props = _wait_state(box, unit, {"failed", "inactive"}, timeout=10)
     box.systemctl("stop", unit)
     box.systemctl("reset-failed", unit)
-    assert props["ActiveState"] == "failed", f"no refusal within 20 s: {props}"
+    assert props["ActiveState"] == "failed", f"no refusal within 10 s: {props}"
     assert (props["ExecMainStatus"], props["NRestarts"]) == ("2", "0"), props
     log = box.journal("-u", unit, "-o", "cat")
     assert "RABBITMQ_HOST" in log, log
