@@ -363,7 +363,7 @@ class Container:
         self.root.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         # tmpfs: unpacking onto this machine's disk takes 11-13 s, into RAM under a second.
-        sh("mount", "-t", "tmpfs", "-o", "size=3G,mode=0755", "fwsys-root", str(self.root))
+        sh("mount", "-t", "tmpfs", "-o", "size=3G,mode=0755", f"{self.machine}-root", str(self.root))
         sh(
             "tar",
             "--numeric-owner",
