@@ -87,6 +87,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"falcoria-worker: configuration error: {exc}", file=sys.stderr)
         return 2
     settings = loaded.settings
+    if args.command == "run" and loaded.sources.get("RABBITMQ_HOST") == "default":
+        # A freshly installed package must not start a worker aimed at nothing; exit 2 also tells
+        # the unit not to restart (RestartPreventExitStatus=2).
+        print(
+            "falcoria-worker: configuration error: RABBITMQ_HOST: no broker configured; set it in "
+            "/etc/falcoria-worker/worker.conf (and the other broker, Redis and ScanLedger settings)",
+            file=sys.stderr,
+        )
+        return 2
     command: Callable[[argparse.Namespace, Settings], int] = {
         "run": _run,
         "scan": _scan,
@@ -383,5 +392,4 @@ def _run(_args: argparse.Namespace, settings: Settings) -> int:
     worker = Worker(
         settings, engine=engine, state=state, notifier=Notifier(), spool=spool, deliverer=deliverer
     )
-    worker.register_ip()
     return worker.run()

@@ -125,7 +125,7 @@ class Engine:
             hooks=hooks,
         )
         durations["ports_scan"] = run1.duration
-        if run1.cancelled or cancel.is_set():
+        if run1.cancelled:
             raise Cancelled("cancelled during the open-ports scan")
         if run1.timed_out:
             raise ScanFailed(f"open-ports scan timed out after {task.timeout} s")
@@ -139,10 +139,10 @@ class Engine:
         ports = tuple(merge.open_ports(phase1_xml, task.ip))
         notes: list[str] = []
         phase2_xml: Path | None = None
+        # A cancel that arrived after nmap finished phase 1 is honoured here (upstream started phase 2).
+        if cancel.is_set():
+            raise Cancelled("cancelled between the two phases")
         if task.include_services and ports:
-            # The cancel that arrives between the phases is honoured here (upstream started phase 2).
-            if cancel.is_set():
-                raise Cancelled("cancelled between the two phases")
             phase2_xml = workdir / "phase2.xml"
             hooks.phase(Phase.SERVICES, f"service scan of {len(ports)} ports on {task.ip}")
             run2 = self._run_phase(
@@ -162,7 +162,7 @@ class Engine:
                 hooks=hooks,
             )
             durations["service_scan"] = run2.duration
-            if run2.cancelled or cancel.is_set():
+            if run2.cancelled:
                 raise Cancelled("cancelled during the service scan")
             if run2.timed_out:
                 notes.append(
@@ -173,6 +173,8 @@ class Engine:
                 notes.append(f"service detection failed (nmap exited {run2.returncode}): {run2.stderr_tail}")
                 phase2_xml = None
 
+        if cancel.is_set():
+            raise Cancelled("cancelled after the scan, before delivery")  # cancelled tasks upload nothing
         report = workdir / "report.xml"
         merge.merge_reports(phase1_xml, phase2_xml, report, target_ip=task.ip, hostnames=task.hostnames)
         return Outcome(report, ports, tuple(notes), durations)

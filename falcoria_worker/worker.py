@@ -736,10 +736,12 @@ class Worker:
             self._republish_lease(task_id, owner_hint=None)
 
     def _startup_recovery_once(self) -> None:
-        """Tasks this instance owned when it died: deliver what was stored, re-queue the rest."""
+        """On the first contact with Redis: register this host's IP, then recover the tasks this
+        instance owned when it died (deliver what was stored, re-queue the rest)."""
         if self._recovered:
             return
         self._recovered = True
+        self.register_ip()
         for task_id in self.state.owned_by(self.owner):
             stored = (self.spool is not None and self.spool.has(task_id)) or (
                 self.results_dir / f"{task_id}.xml"

@@ -106,7 +106,7 @@ def test_two_phases_find_services_and_lose_nothing(engine: Engine, netns_lab, tm
 def test_every_one_of_65535_open_ports_reaches_the_report(engine: Engine, netns_lab, tmp_path: Path) -> None:
     task = make_task(
         netns_lab.allopen.ip,
-        "-n -Pn --max-retries 1 --min-rate 20000 -p 1-65535",
+        "-n -Pn -p 1-65535",
         include_services=False,
         timeout=300,
     )
@@ -119,17 +119,19 @@ def test_every_one_of_65535_open_ports_reaches_the_report(engine: Engine, netns_
 
 
 def test_thousands_of_open_ports_get_service_detection(engine: Engine, netns_lab, tmp_path: Path) -> None:
+    # The upstream worker's stdout pipe blocks nmap from about 930 open ports with -sV.
     task = make_task(
         netns_lab.allopen.ip,
-        "-n -Pn --max-retries 1 -p 20001-22000",
+        "-n -Pn --max-retries 1 -p 20001-25000",
         "-sV --version-intensity 0 -Pn",
         timeout=300,
     )
     outcome = engine.execute(engine.prepare(task), tmp_path / "w", threading.Event())
-    assert len(outcome.open_ports) == 2000
+    assert len(outcome.open_ports) == 5000
     assert outcome.notes == ()
     rows = merge.summary(outcome.report)
-    assert len(rows) == 2000
+    assert len(rows) == 5000
+    assert {r.service for r in rows} == {"ssh"}
     check_report(outcome.report.read_bytes())
 
 

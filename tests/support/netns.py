@@ -211,7 +211,8 @@ def netns_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsLab]:
         lab.start(services, sys.executable, "-m", "http.server", "80", "--directory", str(docroot))
         lab.listener(services, 22, SSH_BANNER)
         lab.listener(services, 21, FTP_BANNER)
-        lab.listener(allopen, ALLOPEN_PORT)
+        # A banner lets -sV identify each port from its first probe instead of waiting out every probe.
+        lab.listener(allopen, ALLOPEN_PORT, SSH_BANNER)
         for port in (80, 22, 21):
             wait_listening(lab.ip(2), port)
         wait_listening(lab.ip(3), 4242)  # any port: proves the redirect as well as the listener

@@ -131,11 +131,6 @@ def test_version_and_check_inside(box: harness.Container, falcoria_deb: Path) ->
     assert "nmap" in check.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TODO(cli): `run` must refuse a broker nobody configured (RABBITMQ_HOST only from the built-in "
-    "default) with exit 2 and the reason; today it waits for localhost until TimeoutStartSec",
-)
 def test_unconfigured_instance_refuses_to_start(box: harness.Container) -> None:
     """Decision: the program refuses (exit 2, reason in the journal), the unit does not restart on 2."""
     unit = INSTANCES[0]
