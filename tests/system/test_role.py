@@ -1,0 +1,186 @@
+"""The Ansible role over ssh against two booted Debian 12 machines (fleet.py), with Redis and RabbitMQ on the
+host: a first rollout, a second run that changes nothing, a dry run, a config change that restarts only
+the instances, scaling down, and a canary with wrong broker settings that stops the rollout.
+
+One scenario in order: each test starts from the state the previous one left.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.services import RabbitMQ, RedisServer
+from tests.system import fleet as fleet_mod
+from tests.system import harness
+from tests.system.conftest import TIMINGS
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
+
+CANARY, SECOND = fleet_mod.MACHINES  # inventory order: the first host is the canary batch
+NAT_IP = f"{fleet_mod.SUBNET}.212"  # SECOND's "public" address, registered instead of its own (NAT)
+INSTANCES = 2
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[fleet_mod.Fleet]:
+    reason = harness.missing_prerequisite()
+    if reason:
+        pytest.skip(reason)
+    with fleet_mod.booted_fleet(TIMINGS) as booted:
+        yield booted
+
+
+@pytest.fixture(scope="module")
+def services(services_run_dir: Path, fleet: fleet_mod.Fleet) -> Iterator[tuple[RedisServer, RabbitMQ]]:
+    """Redis and RabbitMQ on the fleet's bridge address (it exists once the fleet is up)."""
+    bind = ("127.0.0.1", fleet.host_ip)
+    redis_server = RedisServer.launch(services_run_dir, bind=bind)
+    try:
+        broker = RabbitMQ.launch(services_run_dir, bind=bind)
+    except BaseException:
+        redis_server.stop()
+        raise
+    try:
+        yield redis_server, broker
+    finally:
+        broker.close()
+        redis_server.stop()
+
+
+@pytest.fixture(scope="module")
+def config(services: tuple[RedisServer, RabbitMQ], fleet: fleet_mod.Fleet, falcoria_deb: Path) -> dict[str, object]:
+    """The group's variables for a working fleet (each test derives its own from a copy)."""
+    redis_server, broker = services
+    return {
+        "falcoria_worker_deb": str(falcoria_deb),
+        "falcoria_worker_instances": INSTANCES,
+        "falcoria_worker_rabbitmq_host": fleet.host_ip,
+        "falcoria_worker_rabbitmq_port": broker.port,
+        "falcoria_worker_rabbitmq_user": broker.user,
+        "falcoria_worker_rabbitmq_vhost": broker.vhost,
+        "falcoria_worker_rabbitmq_password": broker.password,
+        "falcoria_worker_redis_host": fleet.host_ip,
+        "falcoria_worker_redis_port": redis_server.port,
+        "falcoria_worker_redis_db": redis_server.db,
+        "falcoria_worker_redis_pass": redis_server.password,
+        # Short enough for the failing canary below; a working instance is READY within seconds.
+        "falcoria_worker_ready_timeout": 30,
+    }
+
+
+HOST_VARS = {SECOND: {"falcoria_worker_ip": NAT_IP}}
+
+
+@pytest.fixture(scope="module")
+def playbook(fleet: fleet_mod.Fleet) -> fleet_mod.Playbook:
+    return fleet_mod.Playbook(fleet)
+
+
+def _units(count: int) -> list[str]:
+    return [f"falcoria-worker@{n}.service" for n in range(1, count + 1)]
+
+
+def _invocations(machine: harness.Container, count: int) -> dict[str, str]:
+    return {unit: machine.show(unit, "InvocationID")["InvocationID"] for unit in _units(count)}
+
+
+def _explain(result: fleet_mod.Result) -> str:
+    return f"ansible-playbook rc={result.rc} in {result.seconds:.1f} s\n{result.output[-6000:]}"
+
+
+def test_first_rollout_runs_every_instance_and_registers_the_ips(
+    fleet: fleet_mod.Fleet, playbook: fleet_mod.Playbook, config: dict[str, object],
+    services: tuple[RedisServer, RabbitMQ],
+) -> None:
+    result = playbook.run(config, host_vars=HOST_VARS)
+    TIMINGS["role: first rollout (2 hosts)"] = result.seconds
+    assert result.rc == 0, _explain(result)
+    for name, machine in fleet.machines.items():
+        assert result.recap[name]["failed"] == 0
+        for unit in _units(INSTANCES):
+            props = machine.show(unit, "ActiveState", "SubState", "UnitFileState", "StatusText")
+            assert (props["ActiveState"], props["SubState"], props["UnitFileState"]) == \
+                ("active", "running", "enabled"), f"{name} {unit}: {props}"
+        secrets = machine.run("stat", "-c", "%n %a %U", "/etc/falcoria-worker/credentials/rabbitmq_password",
+                              "/etc/falcoria-worker/credentials/redis_pass").stdout.split("\n")
+        assert all(line.endswith(" 600 root") for line in secrets if line), secrets
+        conf = machine.run("cat", "/etc/falcoria-worker/worker.conf").stdout
+        assert "Ansible managed" in conf
+        assert str(config["falcoria_worker_rabbitmq_password"]) not in conf
+    # No secret in what Ansible printed.
+    for key in ("falcoria_worker_rabbitmq_password", "falcoria_worker_redis_pass"):
+        assert str(config[key]) not in result.output
+    redis_server, _ = services
+    with redis_server.client() as redis:
+        assert redis.hget(f"worker:{CANARY}", "ip") == fleet.addresses[CANARY]  # the default IPv4 from facts
+        assert redis.hget(f"worker:{SECOND}", "ip") == NAT_IP  # the per-host override
+
+
+def test_second_run_changes_nothing(playbook: fleet_mod.Playbook, config: dict[str, object]) -> None:
+    result = playbook.run(config, host_vars=HOST_VARS)
+    TIMINGS["role: second run (2 hosts)"] = result.seconds
+    assert result.rc == 0, _explain(result)
+    assert {name: row["changed"] for name, row in result.recap.items()} == {CANARY: 0, SECOND: 0}, \
+        f"changed: {result.changed_tasks}"
+
+
+def test_check_diff_runs_clean(playbook: fleet_mod.Playbook, config: dict[str, object]) -> None:
+    result = playbook.run(config, "--check", "--diff", host_vars=HOST_VARS)
+    TIMINGS["role: --check --diff (2 hosts)"] = result.seconds
+    assert result.rc == 0, _explain(result)
+    assert {name: row["changed"] for name, row in result.recap.items()} == {CANARY: 0, SECOND: 0}
+
+
+def test_config_change_restarts_the_instances_and_nothing_else(
+    fleet: fleet_mod.Fleet, playbook: fleet_mod.Playbook, config: dict[str, object],
+) -> None:
+    before = {name: _invocations(machine, INSTANCES) for name, machine in fleet.machines.items()}
+    changed = {**config, "falcoria_worker_concurrency": 2}
+    result = playbook.run(changed, host_vars=HOST_VARS)
+    TIMINGS["role: config change (2 hosts)"] = result.seconds
+    assert result.rc == 0, _explain(result)
+    for name, machine in fleet.machines.items():
+        assert result.changed_tasks[name] == ["Write worker.conf", "Restart falcoria-worker instances"], \
+            _explain(result)
+        after = _invocations(machine, INSTANCES)
+        assert all(after[unit] != before[name][unit] for unit in after), f"{name}: not restarted"
+        assert "CONCURRENCY=2" in machine.run("cat", "/etc/falcoria-worker/worker.conf").stdout
+    config["falcoria_worker_concurrency"] = 2  # the fleet's state from here on
+
+
+def test_scaling_down_stops_and_disables_the_extra_instance(
+    fleet: fleet_mod.Fleet, playbook: fleet_mod.Playbook, config: dict[str, object],
+) -> None:
+    fewer = {**config, "falcoria_worker_instances": 1}
+    result = playbook.run(fewer, host_vars=HOST_VARS)
+    assert result.rc == 0, _explain(result)
+    for machine in fleet.machines.values():
+        props = machine.show("falcoria-worker@2.service", "ActiveState", "UnitFileState")
+        assert (props["ActiveState"], props["UnitFileState"]) == ("inactive", "disabled")
+        assert machine.show("falcoria-worker@1.service", "ActiveState")["ActiveState"] == "active"
+    config["falcoria_worker_instances"] = 1
+
+
+def test_a_canary_with_wrong_broker_settings_stops_the_rollout(
+    fleet: fleet_mod.Fleet, playbook: fleet_mod.Playbook, config: dict[str, object],
+    services: tuple[RedisServer, RabbitMQ],
+) -> None:
+    _, broker = services
+    second_conf = fleet.machines[SECOND].run("cat", "/etc/falcoria-worker/worker.conf").stdout
+    # A new setting for the whole fleet, and for the canary a broker port where nothing listens (the
+    # port right above RabbitMQ's block is not one of its listeners).
+    wave = {**config, "falcoria_worker_logger_level": "DEBUG"}
+    host_vars = {**HOST_VARS, CANARY: {"falcoria_worker_rabbitmq_port": broker.port + 13}}
+    started = time.monotonic()
+    result = playbook.run(wave, host_vars=host_vars)
+    TIMINGS["role: failing canary"] = time.monotonic() - started
+    assert result.rc != 0, _explain(result)
+    assert result.recap[CANARY]["failed"] == 1, _explain(result)
+    assert "FAIL rabbitmq" in result.output, _explain(result)
+    # The next batch never started: the second host is not in the recap and its config is untouched.
+    assert fleet_mod.hosts_in(result, [SECOND]) == [], _explain(result)
+    assert fleet.machines[SECOND].run("cat", "/etc/falcoria-worker/worker.conf").stdout == second_conf
