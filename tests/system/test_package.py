@@ -7,14 +7,19 @@ inspect -> start unconfigured -> configure and run @1 and @2 -> restarts -> purg
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.fakes.scanledger import FakeScanLedger
 from tests.support.services import RabbitMQ, RedisServer
+from tests.support.tasker import Tasker
 from tests.system import harness
 from tests.system.conftest import FACTS, TIMINGS
 
@@ -148,8 +153,21 @@ def test_unconfigured_instance_refuses_to_start(box: harness.Container) -> None:
 
 
 @pytest.fixture(scope="module")
-def configured(box: harness.Container, bridge_services: tuple[RedisServer, RabbitMQ]) -> harness.Container:
-    """worker.conf pointing at the host's Redis and RabbitMQ; their passwords as LoadCredential= files."""
+def ledger(box: harness.Container) -> Iterator[FakeScanLedger]:
+    """The fake ScanLedger on the host's bridge address, where the container's workers reach it."""
+    fake = FakeScanLedger(host=box.lab.host_ip)
+    fake.token = fake.add_token()
+    fake.project = fake.add_project()
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def configured(
+    box: harness.Container, bridge_services: tuple[RedisServer, RabbitMQ], ledger: FakeScanLedger
+) -> harness.Container:
+    """worker.conf pointing at the host's Redis, RabbitMQ and ScanLedger; secrets as LoadCredential= files."""
     redis_server, broker = bridge_services
     host = box.lab.host_ip
     conf = box.path("/etc/falcoria-worker/worker.conf")
@@ -158,8 +176,9 @@ def configured(box: harness.Container, bridge_services: tuple[RedisServer, Rabbi
         handle.write(
             f"\nRABBITMQ_HOST={host}\nRABBITMQ_PORT={broker.port}\nRABBITMQ_USER={broker.user}\n"
             f"RABBITMQ_VHOST={broker.vhost}\nREDIS_HOST={host}\nREDIS_PORT={redis_server.port}\n"
-            f"REDIS_DB={redis_server.db}\n"
+            f"REDIS_DB={redis_server.db}\nBACKEND_BASE_URL={ledger.url}\n"
         )
+    box.write("/etc/falcoria-worker/credentials/worker_backend_token", ledger.token, mode=0o600)
     box.write("/etc/falcoria-worker/credentials/rabbitmq_password", broker.password, mode=0o600)
     box.write("/etc/falcoria-worker/credentials/redis_pass", redis_server.password, mode=0o600)
     return box
@@ -183,6 +202,58 @@ def test_instances_start_ready_with_cap_net_raw_only(configured: harness.Contain
         for caps in ("CapEff", "CapPrm", "CapAmb", "CapBnd"):
             assert int(status[caps], 16) == CAP_NET_RAW, f"{unit} {caps}={status[caps]}"
         assert status["NoNewPrivs"] == "1"
+
+
+def test_tasker_task_is_syn_scanned_and_uploaded_under_the_unit(
+    configured: harness.Container, ledger: FakeScanLedger, bridge_services: tuple[RedisServer, RabbitMQ]
+) -> None:
+    """A Tasker-shaped task through RabbitMQ: nmap runs as the service user with CAP_NET_RAW only, the
+    unit's StatusText follows the scan, the journal holds the task's records under TASK_ID=, and the
+    merged report reaches ScanLedger."""
+    box = configured
+    redis_server, broker = bridge_services
+    target, ports = next(iter(box.lab.targets.items()))
+    port_list = ",".join(map(str, sorted({*ports, 443})))
+    tasker = Tasker(broker, redis_server.client())
+    try:
+        task_id = tasker.send_scan(
+            ip=target,
+            project=uuid.UUID(ledger.project),
+            mode="append",
+            open_ports_opts=f"-sS -n --max-retries 1 -Pn -p {port_list}",
+            # the listeners' banners match no probe: -sV keeps nmap busy long enough to look at it
+            service_opts="-sV --version-intensity 0 -Pn",
+            open_ports_str=port_list.replace(",", " "),
+        )
+        statuses: set[str] = set()
+        nmap_status: dict[str, str] = {}
+        deadline = time.monotonic() + 120
+        while not ledger.uploads and time.monotonic() < deadline:
+            for unit in INSTANCES:
+                statuses.add(box.show(unit, "StatusText")["StatusText"])
+            pids = box.run("pgrep", "-x", "nmap", check=False).stdout.split()
+            if pids and not nmap_status:
+                with contextlib.suppress(Exception):  # nmap may exit between pgrep and the read
+                    nmap_status = box.proc_status(int(pids[0]))
+            time.sleep(0.1)
+        assert len(ledger.uploads) == 1, (
+            statuses,
+            ledger.rejections,
+            box.journal("-u", "falcoria-worker@*", "-n", "60", "-o", "cat"),
+        )
+        xml = ledger.uploads[0].xml.decode()
+        assert 'scaninfo type="syn"' in xml  # a SYN scan, not a silent fall-back to connect()
+        assert {int(p) for p in re.findall(r'portid="(\d+)"><state state="open"', xml)} == set(ports)
+        assert nmap_status, "never saw the nmap process"
+        assert nmap_status["Uid"].split()[0] != "0"
+        for caps in ("CapEff", "CapPrm", "CapAmb"):
+            assert int(nmap_status[caps], 16) == CAP_NET_RAW, f"nmap {caps}={nmap_status[caps]}"
+        assert "idle" in statuses
+        assert any(s.startswith(f"scanning {target}: open ports") or "service scan" in s for s in statuses)
+        records = box.journal(f"TASK_ID={task_id}", "-o", "cat")
+        assert "received scan" in records and "scan finished" in records, records
+    finally:
+        tasker.close()
 
 
 def test_target_restart_restarts_every_instance(configured: harness.Container) -> None:
@@ -222,6 +293,7 @@ def test_watchdog_restarts_a_hung_worker(configured: harness.Container) -> None:
     box.systemctl("daemon-reload", check=True)
     try:
         box.systemctl("restart", unit, check=True)
+        other = box.show(INSTANCES[0], "InvocationID", "MainPID")
         before = box.show(unit, "MainPID", "NRestarts")
         started = time.monotonic()
         box.run("kill", "-STOP", before["MainPID"])
@@ -235,6 +307,9 @@ def test_watchdog_restarts_a_hung_worker(configured: harness.Container) -> None:
         TIMINGS["watchdog (4 s) kill + restart until READY"] = time.monotonic() - started
         assert props["SubState"] == "running" and props["MainPID"] != before["MainPID"], props
         assert "Watchdog timeout" in box.journal("-u", unit, "-o", "cat")
+        # the other instance kept working throughout
+        assert box.show(INSTANCES[0], "InvocationID", "MainPID") == other
+        assert box.systemctl("is-active", INSTANCES[0]).stdout.strip() == "active"
     finally:
         box.run("rm", "-rf", str(Path(dropin).parent))
         box.systemctl("daemon-reload")
