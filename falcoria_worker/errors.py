@@ -1,12 +1,12 @@
 """The worker's exception tree. Every ack, retry and status decision depends on which branch an error is on.
 
-    WorkerError
-    ├── Rejected            permanent: the task or its options are bad; never retried, nmap never started
-    ├── ConfigError         permanent: a setting is bad; start-up stops naming the key and the fix
-    ├── ScanFailed          the scan itself failed (nmap could not start, exited non-zero, phase 1 timed out)
-    ├── Cancelled           a cancel broadcast, a revoke or a shutdown stopped the task; nothing is uploaded
-    ├── Retryable           transient: broker, Redis or ScanLedger unavailable; try again later
-    └── DeliveryRejected    permanent: ScanLedger refused the report (4xx other than 429)
+WorkerError
+├── Rejected            permanent: the task or its options are bad; never retried, nmap never started
+├── ConfigError         permanent: a setting is bad; start-up stops naming the key and the fix
+├── ScanFailed          the scan itself failed (nmap could not start, exited non-zero, phase 1 timed out)
+├── Cancelled           a cancel broadcast, a revoke or a shutdown stopped the task; nothing is uploaded
+├── Retryable           transient: broker, Redis or ScanLedger unavailable; try again later
+└── DeliveryRejected    permanent: ScanLedger refused the report (4xx other than 429)
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ class Cancelled(WorkerError):
 
 class Retryable(WorkerError):
     """A transient failure of a peer (RabbitMQ, Redis, ScanLedger)."""
+
+
+class ScanInterrupted(Retryable):
+    """nmap died of a signal the worker did not send: not the task's fault, so it runs again."""
 
 
 class DeliveryRejected(WorkerError):

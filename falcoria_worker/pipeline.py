@@ -16,7 +16,7 @@ from typing import Protocol
 
 from falcoria_worker import argv, merge
 from falcoria_worker.caps import RawSockets
-from falcoria_worker.errors import Cancelled, Rejected, ScanFailed
+from falcoria_worker.errors import Cancelled, Rejected, ScanFailed, ScanInterrupted
 from falcoria_worker.model import Phase, PortRef, ScanTask
 from falcoria_worker.policy import PolicyConfig, ScanOptions, check_options
 from falcoria_worker.runner import NmapProcess, NmapRun, run_nmap
@@ -129,6 +129,7 @@ class Engine:
             raise Cancelled("cancelled during the open-ports scan")
         if run1.timed_out:
             raise ScanFailed(f"open-ports scan timed out after {task.timeout} s")
+        _raise_if_killed(run1, "open-ports scan")
         if run1.returncode != 0:
             raise ScanFailed(f"nmap exited with {run1.returncode} in the open-ports scan: {run1.stderr_tail}")
         if not merge.host_found(phase1_xml):
@@ -164,6 +165,7 @@ class Engine:
             durations["service_scan"] = run2.duration
             if run2.cancelled:
                 raise Cancelled("cancelled during the service scan")
+            _raise_if_killed(run2, "service scan")
             if run2.timed_out:
                 notes.append(
                     f"service detection timed out after {task.timeout} s; open ports delivered without it"
@@ -202,3 +204,10 @@ class Engine:
             )
         finally:
             hooks.nmap_finished(phase)
+
+
+def _raise_if_killed(run: NmapRun, what: str) -> None:
+    """A negative return code the runner did not cause (no cancel, no timeout) is someone else's signal:
+    the OOM killer or an operator. That says nothing about the task, so it is retried, not failed."""
+    if run.returncode is not None and run.returncode < 0:
+        raise ScanInterrupted(f"nmap was killed by signal {-run.returncode} during the {what}")

@@ -38,7 +38,7 @@ from kombu.pidbox import Mailbox
 
 from falcoria_worker import protocol, runner
 from falcoria_worker.config import Settings, broker_url
-from falcoria_worker.errors import Cancelled, Rejected, ScanFailed
+from falcoria_worker.errors import Cancelled, Rejected, ScanFailed, ScanInterrupted
 from falcoria_worker.logs import task_context
 from falcoria_worker.model import Phase, ScanTask, TaskState, parse_cancel, parse_task
 from falcoria_worker.netaddr import default_route_source_ip, echo_ip
@@ -312,27 +312,35 @@ class Worker:
         self._send_handbacks()
         if not self.redis_ok and now - self._last_redis_probe >= 1.0:
             self._last_redis_probe = now
-            try:
+            with contextlib.suppress(redis.RedisError):
                 self.state.ping()
                 self.redis_ok = True
                 log.info("Redis is back")
                 self._update_consumption()
-            except redis.RedisError:
-                pass
         if self.redis_ok:
-            self._flush_redis_backlog()
-            lease_ttl = self.settings.lease_ttl
-            if now - self._last_heartbeat >= lease_ttl / 3:
-                self._last_heartbeat = now
-                self._heartbeat_leases()
-            if now - self._last_sweep >= lease_ttl / 2:
-                self._last_sweep = now
-                self._recover_expired()
+            try:
+                self._redis_duties(now)
+            except redis.RedisError as exc:
+                # A Redis outage must not tear down the healthy broker connection: stop taking work
+                # and keep serving cancels and pings until Redis answers again.
+                log.warning("Redis unavailable: %s; not taking new scans", self._describe(exc))
+                self.redis_ok = False
+                self._update_consumption()
         if not self.ready_sent and self.broker_ok and self.redis_ok:
             self.ready_sent = True
             self.notifier.ready(self._status_text())
         self.notifier.status(self._status_text())
         self._feed_watchdog()
+
+    def _redis_duties(self, now: float) -> None:
+        self._flush_redis_backlog()
+        lease_ttl = self.settings.lease_ttl
+        if now - self._last_heartbeat >= lease_ttl / 3:
+            self._last_heartbeat = now
+            self._heartbeat_leases()
+        if now - self._last_sweep >= lease_ttl / 2:
+            self._last_sweep = now
+            self._recover_expired()
 
     def _feed_watchdog(self) -> None:
         # Fed only from the loop itself: if the loop hangs (deadlock, SIGSTOP), systemd restarts us.
@@ -390,6 +398,12 @@ class Worker:
                 if running is not None and running.shutdown:
                     self.handbacks.append(running)
                 changed = True
+            elif kind == "requeue":
+                try:
+                    self._republish_lease(task_id, owner_hint=self.owner)
+                except redis.RedisError as exc:
+                    # The lease stays ours and expires: a later sweep re-publishes the task.
+                    log.warning("could not re-queue %s now: %s", task_id, self._describe(exc))
         if changed:
             self._update_consumption()
 
@@ -538,7 +552,7 @@ class Worker:
         with task_context(task_id=task_id, project_id=task.project, target=task.ip):
             state, error, delivery = TaskState.FAILED, None, None
             workdir = self.work_root / task_id
-            keep_lock = False
+            keep_lock = requeue = False
             try:
                 self._await_tracking(task_id, task)
                 if self.settings.require_task_metadata and self.state.tasker_stopped(task_id, task):
@@ -553,6 +567,9 @@ class Worker:
                     len(outcome.open_ports),
                     f" ({error})" if error else "",
                 )
+            except ScanInterrupted as exc:
+                log.warning("%s; re-queueing the task", exc)
+                requeue, error = True, str(exc)
             except Cancelled as exc:
                 state, error = TaskState.CANCELLED, str(exc)
                 log.info("%s", "stopped by shutdown; handing the task back" if running.shutdown else exc)
@@ -569,6 +586,11 @@ class Worker:
                     # Not ours to finish: the task goes back to the queue (shutdown) or another
                     # worker owns it now (lease lost). Only our own traces are removed.
                     self.state.clear_running(task_id)
+                elif requeue:
+                    # Through the lease, so the next claim counts an attempt (poison stays bounded).
+                    self.state.clear_running(task_id)
+                    self.state.set_status(task_id, TaskState.QUEUED, error=f"re-queued: {error}")
+                    self.events.put(("requeue", task_id))  # the loop thread owns the publishing
                 else:
                     self._finish_redis(
                         task_id, task, state, error=error, delivery=delivery, include_lock=not keep_lock
@@ -768,18 +790,20 @@ class Worker:
         if self.conn is None or not self.broker_ok:
             return
         while self.handbacks:
-            running = self.handbacks.pop()
-            self._publish(running.raw)
+            running = self.handbacks[-1]
+            self._publish(running.raw)  # a broker error leaves it listed for the next connection
+            self.handbacks.pop()
             try:
                 self.state.release(running.task_id, self.owner)
                 self.state.set_status(running.task_id, TaskState.QUEUED, error="handed back at shutdown")
             except redis.RedisError as exc:
                 log.warning("could not release the lease of a handed-back task: %s", exc)
         while self._pending_republish:
-            task_id, raw = self._pending_republish.pop()
-            with task_context(task_id=task_id):
-                log.warning("re-queueing a task whose worker died")
+            task_id, raw = self._pending_republish[-1]
             self._publish(raw)
+            self._pending_republish.pop()
+            with task_context(task_id=task_id):
+                log.warning("re-queued the task")
 
     def _publish(self, raw: RawMessage) -> None:
         props = raw.properties

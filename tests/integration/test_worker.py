@@ -301,3 +301,23 @@ def test_real_tasker_order_publish_before_tracking_is_not_a_stop(
     task_id = tasker.send_scan(**scan_fields(netns_lab.services, "80"), project=project, track_first=False)
     wait_until(lambda: status(redis_server, task_id).get("state") == "completed", what="completed")
     assert_clean_for_tasker(tasker, str(project))
+
+
+def test_nmap_killed_from_outside_is_requeued_not_failed(
+    tasker, worker_factory, scanledger, netns_lab, redis_server
+) -> None:
+    """The OOM killer or an operator killing nmap says nothing about the task: it runs again."""
+    worker = worker_factory(ledger=scanledger).start()
+    project = uuid.UUID(scanledger.project)
+    task_id = tasker.send_scan(**slow_phase2(netns_lab.services), project=project, mode="append")
+    wait_phase(redis_server, task_id, "service_scan", worker)
+    import os
+    import signal as sig
+
+    for pid in worker.nmap_pids():
+        os.kill(pid, sig.SIGKILL)
+    scanledger.wait_for(lambda f: len(f.uploads) == 1, timeout=120)
+    wait_until(lambda: status(redis_server, task_id).get("state") == "completed", what="completed")
+    assert "re-queued the task" in worker.log()
+    assert redis_server.client().hget(f"fw:lease:{task_id}", "attempts") in (None, "2")
+    assert worker.alive()
