@@ -321,3 +321,20 @@ def test_nmap_killed_from_outside_is_requeued_not_failed(
     assert "re-queued the task" in worker.log()
     assert redis_server.client().hget(f"fw:lease:{task_id}", "attempts") in (None, "2")
     assert worker.alive()
+
+
+def test_concurrency_setting_runs_scans_side_by_side(tasker, worker_factory, netns_lab, redis_server) -> None:
+    worker = worker_factory(CONCURRENCY="2").start()
+    first = tasker.send_scan(**slow_phase2(netns_lab.services))
+    second = tasker.send_scan(**slow_phase2(netns_lab.services))
+    wait_until(
+        lambda: (
+            {status(redis_server, t).get("state") for t in (first, second)} == {"service_scan"}
+            and len(worker.nmap_pids()) == 2
+        ),
+        what="two scans at once",
+    )
+    assert worker.notify.wait_for(lambda line: line.count("service scan of") == 2)
+    tasker.cancel([first, second])
+    for task_id in (first, second):
+        wait_until(lambda t=task_id: status(redis_server, t).get("state") == "cancelled", what="cancelled")
