@@ -128,15 +128,18 @@ class Fleet:
     def shutdown(self) -> None:
         # The ssh masters would otherwise outlive the test by their ControlPersist time.
         for socket_path in self.control_dir.glob("*") if self.control_dir.exists() else ():
-            harness.sh("ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "fwrole", check=False, timeout=10)
+            harness.sh(
+                "ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "fwrole", check=False, timeout=10
+            )
         for machine in self.machines.values():
             try:
                 machine.shutdown()
             except Exception as exc:  # the other machines must still go
                 _log(f"shutdown of {machine.machine}: {exc}")
 
-    def inventory(self, group_vars: Mapping[str, object],
-                  host_vars: Mapping[str, Mapping[str, object]] | None = None) -> dict[str, object]:
+    def inventory(
+        self, group_vars: Mapping[str, object], host_vars: Mapping[str, Mapping[str, object]] | None = None
+    ) -> dict[str, object]:
         """A YAML-compatible (JSON) inventory: group falcoria_workers, machines in MACHINES order."""
         ssh_args = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
         hosts = {
@@ -173,7 +176,9 @@ def booted_fleet(timings: dict[str, float] | None = None) -> Iterator[Fleet]:
 
 # --- ansible-playbook ---------------------------------------------------------------------------------------
 
-_RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)\s+skipped=(\d+)")
+_RECAP = re.compile(
+    r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)\s+skipped=(\d+)"
+)
 _HEADER = re.compile(r"^(?:TASK|RUNNING HANDLER) \[(?:[^:\]]+ : )?(.+?)\] \*+$")
 _CHANGED = re.compile(r"^changed: \[([^\]]+)\]")
 
@@ -217,8 +222,13 @@ class Playbook:
     fleet: Fleet
     playbook: Path = ANSIBLE_DIR / "site.yml"
 
-    def run(self, group_vars: Mapping[str, object], *args: str,
-            host_vars: Mapping[str, Mapping[str, object]] | None = None, timeout: float = 600) -> Result:
+    def run(
+        self,
+        group_vars: Mapping[str, object],
+        *args: str,
+        host_vars: Mapping[str, Mapping[str, object]] | None = None,
+        timeout: float = 600,
+    ) -> Result:
         """ansible-playbook with the variables as inventory group and host variables (as a real inventory
         has them: an extra var would override every host's own value)."""
         inventory = self.fleet.workdir / "inventory.json"
@@ -241,14 +251,18 @@ class Playbook:
         cmd = [str(bin_dir / "ansible-playbook"), "-i", str(inventory), *args, str(self.playbook)]
         started = time.monotonic()
         try:
-            proc = subprocess.run(cmd, cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True,
-                                  timeout=timeout, check=False)
+            proc = subprocess.run(
+                cmd, cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=timeout, check=False
+            )
         except subprocess.TimeoutExpired as exc:
             # What it printed up to then says where it hung.
-            stdout, stderr = (part.decode(errors="replace") if isinstance(part, bytes) else part or ""
-                              for part in (exc.stdout, exc.stderr))
-            raise harness.HarnessError(f"ansible-playbook timed out after {timeout} s:\n{stdout[-6000:]}"
-                                       f"{stderr[-2000:]}") from None
+            stdout, stderr = (
+                part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+                for part in (exc.stdout, exc.stderr)
+            )
+            raise harness.HarnessError(
+                f"ansible-playbook timed out after {timeout} s:\n{stdout[-6000:]}{stderr[-2000:]}"
+            ) from None
         seconds = time.monotonic() - started
         output = proc.stdout + proc.stderr
         recap, changed = parse(proc.stdout)

@@ -52,7 +52,9 @@ def services(services_run_dir: Path, fleet: fleet_mod.Fleet) -> Iterator[tuple[R
 
 
 @pytest.fixture(scope="module")
-def config(services: tuple[RedisServer, RabbitMQ], fleet: fleet_mod.Fleet, falcoria_deb: Path) -> dict[str, object]:
+def config(
+    services: tuple[RedisServer, RabbitMQ], fleet: fleet_mod.Fleet, falcoria_deb: Path
+) -> dict[str, object]:
     """The group's variables for a working fleet (each test derives its own from a copy)."""
     redis_server, broker = services
     return {
@@ -92,8 +94,21 @@ def _explain(result: fleet_mod.Result) -> str:
     return f"ansible-playbook rc={result.rc} in {result.seconds:.1f} s\n{result.output[-6000:]}"
 
 
+def test_check_mode_on_fresh_hosts_runs_without_errors(
+    fleet: fleet_mod.Fleet, playbook: fleet_mod.Playbook, config: dict[str, object]
+) -> None:
+    result = playbook.run(config, "--check", "--diff", host_vars=HOST_VARS)
+    TIMINGS["role: --check --diff, fresh hosts"] = result.seconds
+    assert result.rc == 0, _explain(result)
+    assert all(row["failed"] == 0 for row in result.recap.values()), _explain(result)
+    for machine in fleet.machines.values():  # a dry run: nothing installed
+        assert machine.run("test", "-e", "/usr/bin/falcoria-worker", check=False).returncode != 0
+
+
 def test_first_rollout_runs_every_instance_and_registers_the_ips(
-    fleet: fleet_mod.Fleet, playbook: fleet_mod.Playbook, config: dict[str, object],
+    fleet: fleet_mod.Fleet,
+    playbook: fleet_mod.Playbook,
+    config: dict[str, object],
     services: tuple[RedisServer, RabbitMQ],
 ) -> None:
     result = playbook.run(config, host_vars=HOST_VARS)
@@ -103,10 +118,18 @@ def test_first_rollout_runs_every_instance_and_registers_the_ips(
         assert result.recap[name]["failed"] == 0
         for unit in _units(INSTANCES):
             props = machine.show(unit, "ActiveState", "SubState", "UnitFileState", "StatusText")
-            assert (props["ActiveState"], props["SubState"], props["UnitFileState"]) == \
-                ("active", "running", "enabled"), f"{name} {unit}: {props}"
-        secrets = machine.run("stat", "-c", "%n %a %U", "/etc/falcoria-worker/credentials/rabbitmq_password",
-                              "/etc/falcoria-worker/credentials/redis_pass").stdout.split("\n")
+            assert (props["ActiveState"], props["SubState"], props["UnitFileState"]) == (
+                "active",
+                "running",
+                "enabled",
+            ), f"{name} {unit}: {props}"
+        secrets = machine.run(
+            "stat",
+            "-c",
+            "%n %a %U",
+            "/etc/falcoria-worker/credentials/rabbitmq_password",
+            "/etc/falcoria-worker/credentials/redis_pass",
+        ).stdout.split("\n")
         assert all(line.endswith(" 600 root") for line in secrets if line), secrets
         conf = machine.run("cat", "/etc/falcoria-worker/worker.conf").stdout
         assert "Ansible managed" in conf
@@ -124,8 +147,9 @@ def test_second_run_changes_nothing(playbook: fleet_mod.Playbook, config: dict[s
     result = playbook.run(config, host_vars=HOST_VARS)
     TIMINGS["role: second run (2 hosts)"] = result.seconds
     assert result.rc == 0, _explain(result)
-    assert {name: row["changed"] for name, row in result.recap.items()} == {CANARY: 0, SECOND: 0}, \
+    assert {name: row["changed"] for name, row in result.recap.items()} == {CANARY: 0, SECOND: 0}, (
         f"changed: {result.changed_tasks}"
+    )
 
 
 def test_check_diff_runs_clean(playbook: fleet_mod.Playbook, config: dict[str, object]) -> None:
@@ -136,7 +160,9 @@ def test_check_diff_runs_clean(playbook: fleet_mod.Playbook, config: dict[str, o
 
 
 def test_config_change_restarts_the_instances_and_nothing_else(
-    fleet: fleet_mod.Fleet, playbook: fleet_mod.Playbook, config: dict[str, object],
+    fleet: fleet_mod.Fleet,
+    playbook: fleet_mod.Playbook,
+    config: dict[str, object],
 ) -> None:
     before = {name: _invocations(machine, INSTANCES) for name, machine in fleet.machines.items()}
     changed = {**config, "falcoria_worker_concurrency": 2}
@@ -144,8 +170,9 @@ def test_config_change_restarts_the_instances_and_nothing_else(
     TIMINGS["role: config change (2 hosts)"] = result.seconds
     assert result.rc == 0, _explain(result)
     for name, machine in fleet.machines.items():
-        assert result.changed_tasks[name] == ["Write worker.conf", "Restart falcoria-worker instances"], \
+        assert result.changed_tasks[name] == ["Write worker.conf", "Restart falcoria-worker instances"], (
             _explain(result)
+        )
         after = _invocations(machine, INSTANCES)
         assert all(after[unit] != before[name][unit] for unit in after), f"{name}: not restarted"
         assert "CONCURRENCY=2" in machine.run("cat", "/etc/falcoria-worker/worker.conf").stdout
@@ -153,7 +180,9 @@ def test_config_change_restarts_the_instances_and_nothing_else(
 
 
 def test_scaling_down_stops_and_disables_the_extra_instance(
-    fleet: fleet_mod.Fleet, playbook: fleet_mod.Playbook, config: dict[str, object],
+    fleet: fleet_mod.Fleet,
+    playbook: fleet_mod.Playbook,
+    config: dict[str, object],
 ) -> None:
     fewer = {**config, "falcoria_worker_instances": 1}
     result = playbook.run(fewer, host_vars=HOST_VARS)
@@ -166,7 +195,9 @@ def test_scaling_down_stops_and_disables_the_extra_instance(
 
 
 def test_a_canary_with_wrong_broker_settings_stops_the_rollout(
-    fleet: fleet_mod.Fleet, playbook: fleet_mod.Playbook, config: dict[str, object],
+    fleet: fleet_mod.Fleet,
+    playbook: fleet_mod.Playbook,
+    config: dict[str, object],
     services: tuple[RedisServer, RabbitMQ],
 ) -> None:
     _, broker = services
