@@ -8,11 +8,19 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.drive import (
+    EXTENSION_KEYS,
+    assert_clean_for_tasker,
+    scan_fields,
+    slow_phase1,
+    slow_phase2,
+    status,
+    wait_phase,
+    wait_until,
+)
 from tests.support.tasker import Tasker
 
 pytestmark = pytest.mark.integration
-
-EXTENSION_KEYS = ("task:*:status", "fw:delivered:*", "fw:revoked:*")
 
 
 @pytest.fixture
@@ -21,29 +29,6 @@ def tasker(clean_broker, redis_server) -> Iterator[Tasker]:
     t = Tasker(clean_broker, redis_server.client())
     yield t
     t.close()
-
-
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def status(redis_server, task_id: str) -> dict[str, str]:
-    return redis_server.client().hgetall(f"task:{task_id}:status")
-
-
-def scan_fields(target, ports: str, **extra):
-    fields = {
-        "ip": target.ip,
-        "open_ports_opts": f"-n --max-retries 1 -Pn -p {ports}",
-        "service_opts": "-sV -Pn",
-        "open_ports_str": ports.replace(",", " "),
-    }
-    return {**fields, **extra}
 
 
 def test_task_is_scanned_uploaded_and_tasker_keys_cleaned(
@@ -126,27 +111,6 @@ def test_status_and_notify_follow_the_phases(tasker, worker_factory, netns_lab, 
     assert "idle" in statuses
     assert any(s.startswith(f"scanning {netns_lab.services.ip}: open ports") for s in statuses)
     assert any(s.startswith(f"service scan of 3 ports on {netns_lab.services.ip}") for s in statuses)
-
-
-def slow_phase1(target) -> dict:
-    """Phase 1 against the blackhole: every probe waits for its timeout, so it runs for a long time."""
-    return scan_fields(target, "1-65535", open_ports_opts="-n -Pn --max-retries 5 -p 1-65535")
-
-
-def slow_phase2(target) -> dict:
-    """Phase 1 is quick; -sV --version-all against the banner services waits on probe timeouts."""
-    return scan_fields(target, "21,22", service_opts="-sV --version-all -Pn")
-
-
-def wait_phase(redis_server, task_id: str, phase: str, worker) -> None:
-    wait_until(lambda: status(redis_server, task_id).get("state") == phase and worker.nmap_pids(), what=phase)
-
-
-def assert_clean_for_tasker(tasker, project: str) -> None:
-    wait_until(
-        lambda: tasker.leftover_keys(ignore=("worker:*", *EXTENSION_KEYS)) == [], what="Tasker keys gone"
-    )
-    assert tasker.status(project)["active_or_queued"] == 0
 
 
 @pytest.mark.parametrize("phase", ["ports_scan", "service_scan"])
