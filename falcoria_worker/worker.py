@@ -19,25 +19,23 @@ Why the loop is ours and not a stock Celery worker (see also docs/design.md):
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import shutil
 import signal
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
-from kombu import Connection, Consumer, Exchange, Producer, Queue
-from kombu.pidbox import Mailbox
+from kombu import Connection, Consumer, Producer
 
-from falcoria_worker import protocol, runner
-from falcoria_worker.config import Settings, broker_url
+from falcoria_worker import broker, protocol, runner
+from falcoria_worker.broker import RawMessage
+from falcoria_worker.config import Settings
 from falcoria_worker.errors import Cancelled, Rejected, ScanFailed, ScanInterrupted
 from falcoria_worker.logs import task_context
 from falcoria_worker.model import Phase, ScanTask, TaskState, parse_cancel, parse_task
@@ -60,23 +58,6 @@ METADATA_GRACE = 3.0  # seconds to wait for Tasker's tracking keys, written righ
 REPUBLISH_GRACE = 3600.0  # a re-published task nobody claimed by then is re-published again
 TERMINAL_STATES = frozenset({TaskState.COMPLETED.value, TaskState.FAILED.value, TaskState.CANCELLED.value})
 REVOKED_MEMORY = 10_000  # revoked ids kept in memory (Celery keeps 50,000; Redis holds them too)
-
-
-@dataclass(frozen=True)
-class RawMessage:
-    """A scan message as it came off the queue, kept so it can be handed back unchanged."""
-
-    body: str
-    headers: dict[str, Any]
-    properties: dict[str, Any]
-
-    def dumps(self) -> str:
-        return json.dumps({"body": self.body, "headers": self.headers, "properties": self.properties})
-
-    @classmethod
-    def loads(cls, text: str | bytes) -> RawMessage:
-        data = json.loads(text)
-        return cls(data["body"], data["headers"], data["properties"])
 
 
 @dataclass
@@ -219,48 +200,26 @@ class Worker:
 
     def _connect(self) -> None:
         s = self.settings
-        self.conn = Connection(broker_url(s), heartbeat=30, connect_timeout=5, transport_options={})
-        self.conn.ensure_connection(max_retries=1)
+        self.conn = broker.connect(s)
         channel = self.conn.channel()
-        scan_exchange = Exchange(s.exchange_name, type=s.exchange_type, durable=True)
-        # Declared exactly as Tasker declares it (durable, no arguments), or Tasker's declare fails 406.
-        scan_queue = Queue(
-            s.nmap_scan_queue_name, exchange=scan_exchange, routing_key=s.nmap_scan_routing_key, durable=True
-        )
-        self.scan_exchange = scan_exchange
-        self.scan_queue = scan_queue
         self.scan_consumer = Consumer(
-            channel, queues=[scan_queue], on_message=self._on_scan_message, no_ack=False, prefetch_count=1
+            channel,
+            queues=[broker.scan_queue(s)],
+            on_message=self._on_scan_message,
+            no_ack=False,
+            prefetch_count=1,
         )
         self.scan_consumer.declare()
         # Tasker never declares the fanout exchanges; its first broadcast fails unless a worker has.
-        for name, handler in (
-            (s.nmap_cancel_queue_name, self._on_broadcast),
-            (s.worker_service_broadcast_queue, self._on_broadcast),
-        ):
-            exchange = Exchange(name, type="fanout", durable=True, auto_delete=False)
-            bcast = Queue(f"bcast.{uuid.uuid4()}", exchange=exchange, routing_key="celery", auto_delete=True)
-            Consumer(channel, queues=[bcast], on_message=handler, no_ack=True).consume()
-        mailbox = Mailbox(
-            "celery",
-            type="fanout",
-            accept=["json"],
-            queue_ttl=300.0,
-            reply_queue_ttl=300.0,
-            queue_expires=10.0,
-            reply_queue_expires=10.0,
-        )(self.conn)
-        node = mailbox.Node(
-            hostname=self.nodename,
-            state=self,
-            channel=channel,
-            handlers={
-                "ping": self._pidbox_ping,
-                "revoke": self._pidbox_revoke,
-                "active": self._pidbox_active,
-            },
+        for name in (s.nmap_cancel_queue_name, s.worker_service_broadcast_queue):
+            queue = broker.broadcast_queue(name)
+            Consumer(channel, queues=[queue], on_message=self._on_broadcast, no_ack=True).consume()
+        broker.listen_control(
+            self.conn,
+            channel,
+            self.nodename,
+            {"ping": self._pidbox_ping, "revoke": self._pidbox_revoke, "active": self._pidbox_active},
         )
-        node.listen(channel=channel)
         self.producer = Producer(channel)
         self.broker_ok = True
         self.consuming = False
@@ -410,17 +369,7 @@ class Worker:
     # ------------------------------------------------------------------ scan messages
 
     def _on_scan_message(self, message: Any) -> None:
-        raw = RawMessage(
-            body=message.body.decode("utf-8", "replace") if isinstance(message.body, bytes) else message.body,
-            headers=dict(message.headers or {}),
-            properties={
-                "content_type": message.content_type,
-                "content_encoding": message.content_encoding,
-                "correlation_id": message.properties.get("correlation_id"),
-                "reply_to": message.properties.get("reply_to"),
-                "priority": message.properties.get("priority", 0),
-            },
-        )
+        raw = RawMessage.from_kombu(message)
         try:
             self._accept_scan(message, raw)
         except redis.RedisError as exc:
@@ -806,21 +755,7 @@ class Worker:
                 log.warning("re-queued the task")
 
     def _publish(self, raw: RawMessage) -> None:
-        props = raw.properties
-        self.producer.publish(
-            raw.body.encode("utf-8"),
-            exchange=self.scan_exchange,
-            routing_key=self.settings.nmap_scan_routing_key,
-            headers=raw.headers,
-            content_type=props.get("content_type") or "application/json",
-            content_encoding=props.get("content_encoding") or "utf-8",
-            correlation_id=props.get("correlation_id"),
-            reply_to=props.get("reply_to"),
-            priority=props.get("priority") or 0,
-            delivery_mode=2,
-            declare=[self.scan_queue],
-            retry=True,
-        )
+        broker.publish_scan(self.producer, self.settings, raw)
 
     def _task_from_raw(self, text: str | None) -> ScanTask | None:
         if not text:
@@ -874,22 +809,9 @@ class Worker:
 
     def _connect_for_handback(self) -> None:
         if self.conn is None:
-            self._connect_publish_only()
-
-    def _connect_publish_only(self) -> None:
-        s = self.settings
-        self.conn = Connection(broker_url(s), connect_timeout=5)
-        self.conn.ensure_connection(max_retries=2)
-        channel = self.conn.channel()
-        self.scan_exchange = Exchange(s.exchange_name, type=s.exchange_type, durable=True)
-        self.scan_queue = Queue(
-            s.nmap_scan_queue_name,
-            exchange=self.scan_exchange,
-            routing_key=s.nmap_scan_routing_key,
-            durable=True,
-        )
-        self.producer = Producer(channel)
-        self.broker_ok = True
+            self.conn = broker.connect(self.settings)
+            self.producer = Producer(self.conn.channel())
+            self.broker_ok = True
 
 
 def protocol_id_ok(task_id: str) -> bool:

@@ -1,0 +1,122 @@
+"""The AMQP side of the worker, declared exactly as Tasker and the upstream worker declare it.
+
+- Tasker's scan queue: `nmap_scan_queue`, durable, no arguments, bound to the topic exchange
+  `nmap_exchange` with `nmap.scan`. Any difference (a queue type, a TTL, a dead-letter exchange) makes
+  Tasker's own declare fail with 406 PRECONDITION_FAILED (contract §1.3).
+- The two broadcasts are fanout exchanges (durable, not auto-delete) that Tasker never declares; each
+  consumer binds a private auto-delete `bcast.<uuid>` queue, as kombu's Broadcast does.
+- The Celery pidbox (`celery.pidbox`), so Tasker's `inspect().ping()` and `control.revoke()` reach us.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kombu import Connection, Exchange, Producer, Queue
+from kombu.pidbox import Mailbox
+
+from falcoria_worker.config import Settings, broker_url
+
+# The routing key Celery uses for broadcasts; fanout exchanges ignore it, but it is what Tasker sends.
+BROADCAST_ROUTING_KEY = "celery"
+# Bounded retries: a publish must not hang a stop that systemd is timing.
+PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    """A scan message as it came off the queue, kept so it can be handed back unchanged."""
+
+    body: str
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+
+    @classmethod
+    def from_kombu(cls, message: Any) -> RawMessage:
+        body = message.body
+        return cls(
+            body=body.decode("utf-8", "replace") if isinstance(body, bytes) else body,
+            headers=dict(message.headers or {}),
+            properties={
+                "content_type": message.content_type,
+                "content_encoding": message.content_encoding,
+                "correlation_id": message.properties.get("correlation_id"),
+                "reply_to": message.properties.get("reply_to"),
+                "priority": message.properties.get("priority", 0),
+            },
+        )
+
+    def dumps(self) -> str:
+        return json.dumps({"body": self.body, "headers": self.headers, "properties": self.properties})
+
+    @classmethod
+    def loads(cls, text: str | bytes) -> RawMessage:
+        data = json.loads(text)
+        return cls(data["body"], data["headers"], data["properties"])
+
+
+def connect(settings: Settings, *, heartbeat: int = 30) -> Connection:
+    """A connected broker connection; raises kombu's OperationalError when the broker is unreachable."""
+    conn = Connection(broker_url(settings), heartbeat=heartbeat, connect_timeout=5)
+    conn.ensure_connection(max_retries=1)
+    return conn
+
+
+def scan_queue(settings: Settings) -> Queue:
+    exchange = Exchange(settings.exchange_name, type=settings.exchange_type, durable=True)
+    return Queue(
+        settings.nmap_scan_queue_name,
+        exchange=exchange,
+        routing_key=settings.nmap_scan_routing_key,
+        durable=True,
+    )
+
+
+def broadcast_queue(exchange_name: str) -> Queue:
+    exchange = Exchange(exchange_name, type="fanout", durable=True, auto_delete=False)
+    return Queue(
+        f"bcast.{uuid.uuid4()}", exchange=exchange, routing_key=BROADCAST_ROUTING_KEY, auto_delete=True
+    )
+
+
+def listen_control(
+    conn: Connection, channel: Any, nodename: str, handlers: Mapping[str, Callable[..., Any]]
+) -> None:
+    """Answer Celery remote control on `<nodename>.celery.pidbox`, with Celery's own mailbox settings
+    (so the exchange declarations match every Celery client's)."""
+    mailbox = Mailbox(
+        "celery",
+        type="fanout",
+        accept=["json"],
+        queue_ttl=300.0,
+        reply_queue_ttl=300.0,
+        queue_expires=10.0,
+        reply_queue_expires=10.0,
+    )(conn)
+    node = mailbox.Node(hostname=nodename, state=None, channel=channel, handlers=dict(handlers))
+    node.listen(channel=channel)
+
+
+def publish_scan(producer: Producer, settings: Settings, raw: RawMessage) -> None:
+    """Put a scan message back on Tasker's queue byte for byte: same body, headers and task id."""
+    props = raw.properties
+    queue = scan_queue(settings)
+    producer.publish(
+        raw.body.encode("utf-8"),
+        exchange=queue.exchange,
+        routing_key=settings.nmap_scan_routing_key,
+        headers=raw.headers,
+        content_type=props.get("content_type") or "application/json",
+        content_encoding=props.get("content_encoding") or "utf-8",
+        correlation_id=props.get("correlation_id"),
+        reply_to=props.get("reply_to"),
+        priority=props.get("priority") or 0,
+        delivery_mode=2,
+        declare=[queue],
+        retry=True,
+        retry_policy=PUBLISH_RETRY,
+    )
