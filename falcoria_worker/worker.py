@@ -52,7 +52,7 @@ SCAN_TASK = "project.nmap.scan"
 CANCEL_TASK = "project.nmap.cancel"
 UPDATE_IP_TASK = "worker.update_ip"
 
-LOOP_TIMEOUT = 0.1  # seconds drain_events may block: bounds how late the loop notices anything
+LOOP_TIMEOUT = 0.02  # seconds drain_events may block: how late the loop notices a free slot or a stop
 PROGRESS_WRITE_INTERVAL = 1.0
 METADATA_GRACE = 3.0  # seconds to wait for Tasker's tracking keys, written right after it publishes
 REPUBLISH_GRACE = 3600.0  # a re-published task nobody claimed by then is re-published again
