@@ -16,7 +16,7 @@ import pytest
 from tests.support.services import RabbitMQ, RedisServer
 from tests.system import fleet as fleet_mod
 from tests.system import harness
-from tests.system.conftest import TIMINGS
+from tests.system.conftest import FACTS, TIMINGS
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
@@ -74,7 +74,8 @@ def config(
     }
 
 
-HOST_VARS = {SECOND: {"falcoria_worker_ip": NAT_IP}}
+# Per-host variables as an inventory would have them; updated by the tests that change them.
+HOST_VARS: dict[str, dict[str, object]] = {SECOND: {"falcoria_worker_ip": NAT_IP}}
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,8 @@ def test_first_rollout_runs_every_instance_and_registers_the_ips(
     result = playbook.run(config, host_vars=HOST_VARS)
     TIMINGS["role: first rollout (2 hosts)"] = result.seconds
     assert result.rc == 0, _explain(result)
+    for name in fleet.machines:
+        FACTS[f"role: first rollout, changed tasks ({name})"] = result.changed(name)
     for name, machine in fleet.machines.items():
         assert result.recap[name]["failed"] == 0
         for unit in _units(INSTANCES):
@@ -192,6 +195,23 @@ def test_scaling_down_stops_and_disables_the_extra_instance(
         assert (props["ActiveState"], props["UnitFileState"]) == ("inactive", "disabled")
         assert machine.show("falcoria-worker@1.service", "ActiveState")["ActiveState"] == "active"
     config["falcoria_worker_instances"] = 1
+
+
+def test_a_new_nat_address_is_registered_at_once(
+    fleet: fleet_mod.Fleet,
+    playbook: fleet_mod.Playbook,
+    config: dict[str, object],
+    services: tuple[RedisServer, RabbitMQ],
+) -> None:
+    moved = f"{fleet_mod.SUBNET}.213"
+    result = playbook.run(config, host_vars={SECOND: {"falcoria_worker_ip": moved}})
+    assert result.rc == 0, _explain(result)
+    assert result.changed(CANARY) == 0, _explain(result)
+    assert "Register this host's IP in Redis for Tasker" in result.changed_tasks[SECOND], _explain(result)
+    redis_server, _ = services
+    with redis_server.client() as redis:
+        assert redis.hget(f"worker:{SECOND}", "ip") == moved
+    HOST_VARS[SECOND]["falcoria_worker_ip"] = moved
 
 
 def test_a_canary_with_wrong_broker_settings_stops_the_rollout(
