@@ -238,7 +238,10 @@ class Deliverer(threading.Thread):
     the whole spool backs off, capped exponentially with jitter, honouring Retry-After; `wake()` does not
     cut that short, so an outage never turns into a loop. A 500 is ScanLedger's answer to a report its
     parser chokes on, so it backs off that entry alone and the pass goes on: one bad report must not hold
-    the others back (which means a later report can overtake it).
+    the others back (which means a later report can overtake it). An entry that failed `give_up_after`
+    times, while reports queued after its first failure were accepted, is this report's problem and not
+    an outage: it moves to failed/ (kept there for the operator) instead of being retried forever. A
+    ScanLedger that answers 500 to everything accepts nothing, so such an outage never fails an entry.
     """
 
     def __init__(
@@ -249,6 +252,7 @@ class Deliverer(threading.Thread):
         on_result: OnResult,
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
+        give_up_after: int = 10,
     ) -> None:
         super().__init__(name="spool-deliverer", daemon=True)
         self._spool = spool
@@ -259,7 +263,10 @@ class Deliverer(threading.Thread):
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._outages = 0  # consecutive passes cut short by an unavailable ScanLedger
-        self._retry: dict[tuple[str, float], tuple[int, float]] = {}  # entry -> (failures, monotonic due)
+        self._give_up_after = give_up_after
+        self._accepted = 0  # reports ScanLedger accepted so far (to tell a bad report from an outage)
+        # entry -> (failures, monotonic due, self._accepted at its first failure)
+        self._retry: dict[tuple[str, float], tuple[int, float, int]] = {}
         self._delivered: set[tuple[str, float]] = set()  # uploaded, removal pending: never upload again
 
     def wake(self) -> None:
@@ -329,12 +336,13 @@ class Deliverer(threading.Thread):
                 self._entry_failed(entry, key, exc)
                 continue
             self._outages = 0
+            self._accepted += 1
             self._retry.pop(key, None)
             self._delivered.add(key)
             log.info("spool: task %s delivered (%d IPs)", entry.task_id, len(ips), extra=_fields(entry))
             self._finish(entry, key)
         self._outages = 0
-        due = [t for _, t in self._retry.values()]
+        due = [t for _, t, _ in self._retry.values()]
         if self._delivered:  # a removal to retry
             due.append(time.monotonic() + self._backoff(1))
         return (max(0.0, min(due) - time.monotonic()) if due else None), True
@@ -351,9 +359,16 @@ class Deliverer(threading.Thread):
         return wait, False
 
     def _entry_failed(self, entry: SpoolEntry, key: tuple[str, float], exc: Exception) -> None:
-        failures = self._retry.get(key, (0, 0.0))[0] + 1
+        failures, _due, accepted_then = self._retry.get(key, (0, 0.0, self._accepted))
+        failures += 1
+        if failures >= self._give_up_after and self._accepted > accepted_then:
+            self._retry.pop(key, None)
+            self._reject(
+                entry, key, f"not accepted after {failures} attempts while other reports were ({exc})"
+            )
+            return
         wait = self._backoff(failures)
-        self._retry[key] = (failures, time.monotonic() + wait)
+        self._retry[key] = (failures, time.monotonic() + wait, accepted_then)
         log.warning(
             "spool: task %s not delivered (%s: %s), attempt %d; retry in %.1f s",
             entry.task_id,

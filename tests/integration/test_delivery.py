@@ -77,13 +77,14 @@ class Harness:
     def ledger(self, token: str | None = None) -> AttemptSignal:
         return AttemptSignal(self.fake.url, token or self.fake.token)
 
-    def start(self, ledger: ScanLedger | None = None) -> Deliverer:
+    def start(self, ledger: ScanLedger | None = None, **options: int) -> Deliverer:
         deliverer = Deliverer(
             self.spool,
             ledger or self.ledger(),
             on_result=self.results,
             backoff_initial=0.02,
             backoff_max=0.2,
+            **options,
         )
         deliverer.start()
         self.deliverers.append(deliverer)
@@ -177,6 +178,31 @@ def test_a_report_scanledger_chokes_on_does_not_block_the_others(h: Harness) -> 
     assert h.results.next() == ("task-good", None, False)
     assert [e.task_id for e in h.spool.pending()] == ["task-bad"]  # kept, retried later
     assert {r.status for r in h.fake.rejections} == {500}
+
+
+def test_a_report_refused_again_and_again_while_others_pass_moves_to_failed(h: Harness) -> None:
+    bad = h.tmp / "bad.xml"
+    bad.write_bytes(sample_report(port_xml='<script id="x" output="y"><elem>no key</elem></script>'))
+    h.put("task-bad", bad)
+    h.put("task-good")
+    h.start(give_up_after=2)
+    assert h.results.next() == ("task-good", None, False)
+    task_id, reason, _ = h.results.next()
+    assert task_id == "task-bad"
+    assert "not accepted after 2 attempts while other reports were" in reason
+    assert h.spool.pending() == []
+    assert len(h.fake.uploads) == 1
+
+
+def test_scanledger_answering_500_to_everything_fails_nothing(h: Harness) -> None:
+    h.fake.fail_for(500, 8.0)  # a server-wide outage: several tries of each entry (each try ~3 s)
+    h.put("task-1")
+    h.put("task-2")
+    h.start(give_up_after=2)
+    assert h.results.next() == ("task-1", None, False)
+    assert h.results.next() == ("task-2", None, False)
+    assert len(h.fake.uploads) == 2
+    assert len(h.fake.rejections) >= 4  # both entries failed at least twice, neither was given up
 
 
 def test_stop_leaves_pending_entries_for_the_next_process(h: Harness) -> None:
