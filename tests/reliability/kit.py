@@ -1,0 +1,239 @@
+"""What every reliability case measures: which nmap ran for which task on which instance (sampled from
+/proc), what ScanLedger accepted per task, what Redis holds afterwards, and whether a secret leaked.
+
+Every task of a case gets its own ScanLedger project, so an upload names its task: "lost" and
+"duplicated" are counted per task from the fake's records, not inferred from logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tests.fakes.scanledger import FakeScanLedger
+from tests.support.drive import EXTENSION_KEYS, status, wait_until
+from tests.support.tasker import Tasker
+
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+# nmap's argv carries its work directory: <STATE_DIR>/work/<task id>/phase<N>/...
+_WORKDIR = re.compile(rb"(/[^\0]*)/work/([^/\0]+)/phase")
+
+
+@dataclass
+class Figures:
+    """One row of docs/reliability.md."""
+
+    case: str
+    runs: int = 1
+    faults: Counter[str] = field(default_factory=Counter)
+    tasks: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    leaked_keys: int = 0
+    parallel_runs: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def fault_text(self) -> str:
+        return ", ".join(f"{n} {what}" for what, n in sorted(self.faults.items())) or "none"
+
+
+def seeded_random(figures: Figures) -> random.Random:
+    """Random fault moments, reproducible: FW_RELIABILITY_SEED replays a run whose seed is reported."""
+    seed = int(os.environ.get("FW_RELIABILITY_SEED") or random.SystemRandom().randrange(1 << 32))
+    figures.notes.append(f"seed {seed}")
+    return random.Random(seed)
+
+
+class ProcessWatch(threading.Thread):
+    """Samples /proc every 50 ms: the argv of every worker and nmap process (for the secrets check), and
+    which instance (state dir) runs nmap for which task at each moment. A task seen in two state dirs in
+    the same sample ran twice in parallel."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        super().__init__(daemon=True, name="process-watch")
+        self.interval = interval
+        self.argvs: set[bytes] = set()
+        self.nmap_tasks: dict[str, set[str]] = {}  # task id -> state dirs that ever ran nmap for it
+        self.parallel: set[str] = set()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sample()
+            self._halt.wait(self.interval)
+
+    def sample(self) -> None:
+        now: dict[str, set[str]] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
+                    cmdline = handle.read()
+            except OSError:
+                continue
+            if b"falcoria_worker" not in cmdline and b"nmap" not in cmdline.split(b"\0", 1)[0]:
+                continue
+            self.argvs.add(cmdline)
+            match = _WORKDIR.search(cmdline)
+            if match:
+                task_id, state_dir = match[2].decode(), match[1].decode()
+                now.setdefault(task_id, set()).add(state_dir)
+                self.nmap_tasks.setdefault(task_id, set()).add(state_dir)
+        self.parallel |= {task_id for task_id, dirs in now.items() if len(dirs) > 1}
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+
+class Run:
+    """The tasks of one case, each with its own ScanLedger project."""
+
+    def __init__(self, tasker: Tasker, ledger: FakeScanLedger, redis_server: Any) -> None:
+        self.tasker = tasker
+        self.ledger = ledger
+        self.redis_server = redis_server
+        self.tasks: dict[str, str] = {}  # task id -> project
+
+    def send(self, fields: dict[str, Any], **extra: Any) -> str:
+        project = self.ledger.add_project()
+        task_id = self.tasker.send_scan(**fields, project=uuid.UUID(project), mode="append", **extra)
+        assert task_id is not None, "Tasker's lock refused the task"
+        self.tasks[task_id] = project
+        return task_id
+
+    def states(self) -> dict[str, dict[str, str]]:
+        return {task_id: status(self.redis_server, task_id) for task_id in self.tasks}
+
+    def delivered(self) -> bool:
+        return all(s.get("delivery") == "delivered" for s in self.states().values())
+
+    def wait_delivered(self, timeout: float = 180.0) -> None:
+        try:
+            wait_until(self.delivered, timeout=timeout, what="every task delivered")
+        except AssertionError:
+            pending = {t: s for t, s in self.states().items() if s.get("delivery") != "delivered"}
+            raise AssertionError(f"not delivered: {pending}") from None
+
+    def uploads_per_task(self) -> dict[str, int]:
+        per_project = Counter(u.project for u in self.ledger.uploads)
+        return {task_id: per_project[project] for task_id, project in self.tasks.items()}
+
+    def settle(self, figures: Figures, watch: ProcessWatch | None = None) -> None:
+        """Fill in tasks, lost, duplicated, leaked keys and parallel runs (asserted by the caller)."""
+        counts = self.uploads_per_task()
+        figures.tasks += len(self.tasks)
+        figures.lost += sum(1 for n in counts.values() if n == 0)
+        figures.duplicated += sum(n - 1 for n in counts.values() if n > 1)
+        figures.leaked_keys += len(leaked_keys(self.tasker, self.redis_server.client()))
+        if watch is not None:
+            figures.parallel_runs += len(watch.parallel & set(self.tasks))
+
+
+def leaked_keys(tasker: Tasker, r: redis.Redis) -> list[str]:
+    """Keys a finished run must not leave: anything of Tasker's, a held lease, or an extension key that
+    would never expire. (Released leases and the status/marker keys expire by design.)"""
+    leaks = tasker.leftover_keys(ignore=("worker:*", "fw:lease:*", *EXTENSION_KEYS))
+    for key in r.keys("fw:lease:*"):
+        if r.hget(key, "state") == "held":
+            leaks.append(f"{key} (held)")
+    for pattern in (*EXTENSION_KEYS, "fw:lease:*"):
+        leaks.extend(f"{key} (no TTL)" for key in r.keys(pattern) if r.ttl(key) == -1)
+    return sorted(leaks)
+
+
+def wait_clean(tasker: Tasker, r: redis.Redis, timeout: float = 30.0) -> None:
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: leaked_keys(tasker, r) == [], timeout=timeout, what="Redis clean")
+
+
+def redis_text(r: redis.Redis) -> str:
+    """Every key and value in the db, as text (for the secrets check)."""
+    parts: list[str] = []
+    for key in r.keys("*"):
+        kind = r.type(key)
+        value: object
+        if kind == "string":
+            value = r.get(key)
+        elif kind == "hash":
+            value = r.hgetall(key)
+        elif kind == "list":
+            value = r.lrange(key, 0, -1)
+        elif kind == "set":
+            value = r.smembers(key)
+        elif kind == "zset":
+            value = r.zrange(key, 0, -1, withscores=True)
+        else:
+            value = kind
+        parts.append(f"{key} {value}")
+    return "\n".join(parts)
+
+
+def secret_exposures(
+    secrets: dict[str, str],
+    *,
+    logs: Iterable[Path],
+    r: redis.Redis,
+    argvs: Iterable[bytes],
+    dirs: Iterable[Path],
+) -> list[str]:
+    """Where any secret value appears: worker logs, Redis, process arguments, spool/state file names."""
+    found = []
+    sources: list[tuple[str, str]] = [(f"log {p.name}", p.read_text(errors="replace")) for p in logs]
+    sources.append(("redis", redis_text(r)))
+    sources.extend(("argv", argv.replace(b"\0", b" ").decode(errors="replace")) for argv in argvs)
+    for root in dirs:
+        for path in root.rglob("*"):
+            sources.append(("file name", str(path)))
+            if path.name == "meta.json":
+                sources.append((f"spool {path}", path.read_text(errors="replace")))
+    for name, value in secrets.items():
+        if not value:
+            continue
+        found.extend(f"{name} in {where}" for where, text in sources if value in text)
+    return found
+
+
+def wait_served(
+    tasker: Tasker, worker_nodes: Iterable[str], redis_server: Any, fields: dict[str, Any]
+) -> None:
+    """The fleet still serves: every instance answers a Celery ping and a fresh task completes."""
+    nodes = set(worker_nodes)
+    wait_until(lambda: nodes <= set(tasker.ping(timeout=1.0)), timeout=30, what="every instance answers ping")
+    task_id = tasker.send_scan(**fields)
+    assert task_id is not None
+    wait_until(
+        lambda: status(redis_server, task_id).get("state") in TERMINAL,
+        timeout=60,
+        what="a task after the case",
+    )
+    assert status(redis_server, task_id)["state"] == "completed", status(redis_server, task_id)
+
+
+def monotonic_since(start: float) -> float:
+    return round(time.monotonic() - start, 1)
+
+
+def nmap_tasks_of(worker: Any) -> dict[int, str]:
+    """PID -> task id of the nmap processes an instance runs now."""
+    running = {}
+    for pid in worker.nmap_pids():
+        with contextlib.suppress(OSError):
+            match = _WORKDIR.search(Path(f"/proc/{pid}/cmdline").read_bytes())
+            if match:
+                running[pid] = match[2].decode()
+    return running
