@@ -87,7 +87,9 @@ _HEX32 = re.compile(r"[0-9a-fA-F]{32}")
 _HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # Tasker always sends a UUID; pydantic also lets a plain str through, which ends up inside a Redis key.
 _USER_ID_TEXT = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
-_TASK_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# A task id becomes a Redis key part and a directory name (the scan's work dir, the spool entry), so it
+# must start with a letter or digit: "." and ".." would name the directory itself or its parent.
+_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _IP_CHARS = re.compile(r"[0-9A-Fa-f:.]+")
 
 
@@ -232,7 +234,7 @@ def parse_task(data: object) -> ScanTask:
 
 def valid_task_id(text: object) -> bool:
     """Celery task ids are UUID text; anything id-like up to 64 characters is accepted, nothing that could
-    break a Redis key or a log line."""
+    break a Redis key, a log line or a path (no leading dot, no separators)."""
     return isinstance(text, str) and _TASK_ID.fullmatch(text) is not None
 
 

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import random
-import re
 import secrets
 import shutil
 import threading
@@ -36,15 +35,13 @@ from pathlib import Path
 
 from falcoria_worker.errors import DeliveryRejected, Retryable
 from falcoria_worker.ledger import LedgerUnavailable, ScanLedger
+from falcoria_worker.model import valid_task_id
 
 log = logging.getLogger(__name__)
 
 REPORT = "nmap_report.xml"
 META = "meta.json"
 REASON = "reason.txt"
-# Celery task ids are UUIDs; accept the wider set of model.valid_task_id but never ".", ".." or a leading
-# dot (our own temporary names), and nothing that could be a path separator.
-_TASK_ID = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,63}")
 _COPY_CHUNK = 1 << 20
 
 
@@ -59,7 +56,7 @@ class SpoolEntry:
 
 
 def _check_task_id(task_id: str) -> str:
-    if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
+    if not valid_task_id(task_id):
         raise ValueError(f"unsafe task id for a spool file name: {task_id!r}")
     return task_id
 

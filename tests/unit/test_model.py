@@ -203,6 +203,12 @@ def test_parse_cancel_refuses(data: object, reason: str) -> None:
         (7, False),
         (None, False),
         ("\udcff", False),
+        # a task id names directories: "." and ".." would be the state dir itself or its parent
+        ("..", False),
+        (".", False),
+        (".hidden", False),
+        ("-starts-like-an-option", False),
+        ("a..b", True),
     ],
 )
 def test_valid_task_id(text: object, valid: bool) -> None:
