@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from kombu import Connection, Exchange, Producer, Queue
 from kombu.pidbox import Mailbox
 
 from falcoria_worker.config import Settings, broker_url
+
+log = logging.getLogger(__name__)
 
 # The routing key Celery uses for broadcasts; fanout exchanges ignore it, but it is what Tasker sends.
 BROADCAST_ROUTING_KEY = "celery"
@@ -51,7 +54,11 @@ class RawMessage:
         )
 
     def dumps(self) -> str:
-        return json.dumps({"body": self.body, "headers": self.headers, "properties": self.properties})
+        # AMQP headers may carry types JSON lacks (timestamps, decimals, bytes); Celery's own headers are
+        # JSON, so whatever else a publisher added is kept as text rather than refused.
+        return json.dumps(
+            {"body": self.body, "headers": self.headers, "properties": self.properties}, default=str
+        )
 
     @classmethod
     def loads(cls, text: str | bytes) -> RawMessage:
@@ -98,7 +105,17 @@ def listen_control(
         reply_queue_expires=10.0,
     )(conn)
     node = mailbox.Node(hostname=nodename, state=None, channel=channel, handlers=dict(handlers))
-    node.listen(channel=channel)
+
+    def handle(body: object, message: Any) -> None:
+        # Anyone on the broker can publish to the pidbox fanout; a malformed control message (not a
+        # dict, no method, an odd clock header) must not reach drain_events as an exception, or every
+        # instance of the fleet would exit at once.
+        try:
+            node.handle_message(body, message)
+        except Exception:
+            log.exception("ignored a malformed control message")
+
+    node.listen(channel=channel, callback=handle)
 
 
 def publish_scan(producer: Producer, settings: Settings, raw: RawMessage) -> None:

@@ -144,6 +144,14 @@ class Worker:
         if self.deliverer:
             self.deliverer.start()
         self.notifier.status("starting")
+        try:
+            self._loop()
+        finally:
+            # Also after an unexpected exit: stop the nmap groups and hand the tasks back.
+            self._shutdown()
+        return 0
+
+    def _loop(self) -> None:
         backoff = 0.5
         while not self.stop_requested:
             try:
@@ -165,8 +173,6 @@ class Worker:
                 backoff = min(backoff * 2, 10.0)
             finally:
                 self._drop_connection()
-        self._shutdown()
-        return 0
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if not self.stop_requested:
@@ -369,9 +375,8 @@ class Worker:
     # ------------------------------------------------------------------ scan messages
 
     def _on_scan_message(self, message: Any) -> None:
-        raw = RawMessage.from_kombu(message)
         try:
-            self._accept_scan(message, raw)
+            self._accept_scan(message, RawMessage.from_kombu(message))
         except redis.RedisError as exc:
             # Without Redis nothing can be recorded: give the message back and stop taking work.
             log.warning(
@@ -381,6 +386,17 @@ class Worker:
             message.requeue()
             self.redis_ok = False
             self._update_consumption()
+        except Exception as exc:
+            if self._is_connection_error(exc):
+                raise
+            self._drop_unhandled(message, "scan message")
+
+    def _drop_unhandled(self, message: Any, what: str) -> None:
+        """A message we cannot handle must not take the worker down: unacked, it would be redelivered to
+        the next instance and take that one down too. Log it with its traceback and drop it."""
+        log.exception("could not handle a %s; dropped it", what)
+        with contextlib.suppress(Exception):
+            message.ack()
 
     def _accept_scan(self, message: Any, raw: RawMessage) -> None:
         """Decide what to do with one scan message; every path but a Redis outage acks it."""
@@ -605,6 +621,14 @@ class Worker:
     # ------------------------------------------------------------------ broadcasts and pidbox
 
     def _on_broadcast(self, message: Any) -> None:
+        try:
+            self._handle_broadcast(message)
+        except Exception as exc:
+            if self._is_connection_error(exc):
+                raise
+            self._drop_unhandled(message, "broadcast")
+
+    def _handle_broadcast(self, message: Any) -> None:
         try:
             decoded = protocol.decode_task_message(
                 message.headers or {}, message.body, message.content_type, message.content_encoding

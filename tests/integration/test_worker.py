@@ -302,3 +302,37 @@ def test_concurrency_setting_runs_scans_side_by_side(tasker, worker_factory, net
     tasker.cancel([first, second])
     for task_id in (first, second):
         wait_until(lambda t=task_id: status(redis_server, t).get("state") == "cancelled", what="cancelled")
+
+
+def test_messages_it_cannot_handle_do_not_take_the_worker_down(
+    tasker, worker_factory, netns_lab, redis_server
+) -> None:
+    """Anyone on the broker can publish: odd AMQP header types on a scan message and malformed Celery
+    control messages (sent to every instance at once) are dropped; the worker keeps serving."""
+    import datetime
+    import json as jsonlib
+
+    from tests.support.tasker import celery_message
+
+    worker = worker_factory().start()
+    task_id = str(uuid.uuid4())
+    fields = {**scan_fields(netns_lab.services, "80"), "project": str(uuid.uuid4())}
+    body, headers, properties = celery_message(
+        "project.nmap.scan", task_id, [fields], origin="t", reply_to="r"
+    )
+    headers["x-sent-at"] = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)  # an AMQP timestamp
+    tasker.publish_raw(body, headers, properties)
+    for control in ({"arguments": {}}, ["ping"], {"method": "ping", "reply_to": "x"}, "not json at all"):
+        raw = control.encode() if isinstance(control, str) else jsonlib.dumps(control).encode()
+        tasker.publish_raw(
+            raw,
+            {"clock": "abc"},
+            {"content_type": "application/json", "content_encoding": "utf-8"},
+            exchange="celery.pidbox",
+            routing_key="",
+        )
+    time.sleep(1)
+    assert worker.alive(), worker.log()[-3000:]
+    assert worker.nodename in tasker.ping(timeout=2.0)
+    good = tasker.send_scan(**scan_fields(netns_lab.services, "80"))
+    wait_until(lambda: status(redis_server, good).get("state") == "completed", what="next task")
