@@ -13,14 +13,20 @@ phase 1's nmap recorded), the two nmap runs as the worker saw them, the gap betw
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 from bench import bare
-from bench.lab import Lab
-from bench.monitor import Monitor, timeline
+from bench.lab import Lab, Sent
+from bench.monitor import Command, Monitor, timeline
 from bench.report import Result, median, ms, percentile
+from tests.fakes.scanledger import Upload
 
 PORTS_OPTS = "-n -Pn --max-retries 1 -p 1-1024"
 SERVICE_OPTS = "-sV -Pn"
 TASKS, QUICK_TASKS = 30, 5
+IDLE_SECONDS = 3.0
 UPSTREAM = "upstream worker: 6.565 s vs 6.483 s bare, ratio 1.013, ~80 ms overhead, pick-up 11 ms"
 
 
@@ -32,6 +38,10 @@ def run(lab: Lab, quick: bool) -> Result:
     lab.upload_of(lab.send(ip, PORTS_OPTS, SERVICE_OPTS), timeout=120)
     bare.run_bare(ip, PORTS_OPTS, SERVICE_OPTS)
 
+    idle_cpu = _cpu_seconds(worker.pid)
+    time.sleep(IDLE_SECONDS)
+    idle_cpu = (_cpu_seconds(worker.pid) - idle_cpu) / IDLE_SECONDS
+    busy_cpu = _cpu_seconds(worker.pid)
     e2e: list[float] = []
     bares: list[bare.BareRun] = []
     sent = []
@@ -45,19 +55,9 @@ def run(lab: Lab, quick: bool) -> Result:
         # The delivery mark follows the upload; give the last one a moment to land in the monitor.
         lab.redis.client().ping()
     commands = mon.commands
+    busy_cpu = _cpu_seconds(worker.pid) - busy_cpu
 
-    parts: dict[str, list[float]] = {k: [] for k in ("pickup", "start", "nmap1", "between", "nmap2", "tail")}
-    for task, upload in sent:
-        t = timeline(commands, task.task_id, lab.hostname)
-        if t.claimed is None or len(t.pid_set) < 2 or len(t.pid_cleared) < 2:
-            continue
-        parts["pickup"].append(t.claimed - task.published)
-        parts["start"].append(t.pid_set[0] - t.claimed)
-        parts["nmap1"].append(t.pid_cleared[0] - t.pid_set[0])
-        parts["between"].append(t.pid_set[1] - t.pid_cleared[0])
-        parts["nmap2"].append(t.pid_cleared[1] - t.pid_set[1])
-        parts["tail"].append(upload.time - t.pid_cleared[1])
-
+    parts = _split(commands, sent, lab.hostname)
     totals = [b.total for b in bares]
     diffs = [w - b for w, b in zip(e2e, totals, strict=True)]
     ratio = median(e2e) / median(totals)
@@ -90,9 +90,42 @@ def run(lab: Lab, quick: bool) -> Result:
         f"(phase 1 {ms(median(parts['nmap1']) - median([b.phase1 for b in bares]))}, "
         f"phase 2 {ms(median(parts['nmap2']) - median([b.phase2 for b in bares]))}, worker's view minus bare)"
     )
+    per_task = busy_cpu / count
+    about = [[c for c in commands if task.task_id in c.text] for task, _ in sent]
+    waited = sum(sum(c.text.upper().startswith("EXISTS") for c in cs) > 1 for cs in about)
+    result.notes.append(
+        f"Redis commands naming the task, per task (median): {median([float(len(cs)) for cs in about]):.0f}; "
+        f"{waited} of {count} tasks polled Tasker's metadata more than once (50 ms sleep each)"
+    )
+    result.notes.append(
+        f"worker CPU (its own threads, not nmap): {per_task * 1000:.0f} ms per task while scanning, "
+        f"{idle_cpu * 1000:.1f} ms per second when idle"
+    )
     result.notes.append(UPSTREAM)
     worker.stop()
     return result
+
+
+def _split(commands: list[Command], sent: list[tuple[Sent, Upload]], hostname: str) -> dict[str, list[float]]:
+    """Each task's publish-to-upload time cut at the Redis commands that mark its steps."""
+    parts: dict[str, list[float]] = {k: [] for k in ("pickup", "start", "nmap1", "between", "nmap2", "tail")}
+    for task, upload in sent:
+        t = timeline(commands, task.task_id, hostname)
+        if t.claimed is None or len(t.pid_set) < 2 or len(t.pid_cleared) < 2:
+            continue
+        parts["pickup"].append(t.claimed - task.published)
+        parts["start"].append(t.pid_set[0] - t.claimed)
+        parts["nmap1"].append(t.pid_cleared[0] - t.pid_set[0])
+        parts["between"].append(t.pid_set[1] - t.pid_cleared[0])
+        parts["nmap2"].append(t.pid_cleared[1] - t.pid_set[1])
+        parts["tail"].append(upload.time - t.pid_cleared[1])
+    return parts
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads, not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _row(label: str, values: list[float], *, unit_ms: bool = False) -> list[str]:
