@@ -56,6 +56,15 @@ def _run(args: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def phase1_command(ip: str, ports_opts: str, xml_path: Path) -> list[str]:
+    """The worker's phase-1 argv for these options (for runs the caller controls itself)."""
+    task = _task(ip, ports_opts, "-sV -Pn")
+    opts = check_options(ports_opts, Phase.PORTS)
+    return argv.phase1_argv(
+        task, opts, nmap="nmap", privileged=False, xml_path=str(xml_path), stats_every=STATS_EVERY
+    )
+
+
 def run_bare(ip: str, ports_opts: str, service_opts: str = "-sV -Pn", *, services: bool = True) -> BareRun:
     """Phase 1, then phase 2 on the ports phase 1 found (skipped when none or not `services`), each timed
     from spawn to exit."""

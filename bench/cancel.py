@@ -22,12 +22,16 @@ from __future__ import annotations
 import os
 import random
 import select
+import signal
+import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
+from bench import bare
 from bench.lab import Lab, Sent
 from bench.report import Result, median, ms, percentile
 from tests.support.workerproc import WorkerProcess
@@ -180,6 +184,28 @@ def _queued_alone(probe: _Probe, window: float = 3.0) -> str:
     return f"a cancel naming only a queued task cleaned its keys in {ms(clean)} while another scan ran"
 
 
+def _floor(lab: Lab, samples: int) -> list[float]:
+    """nmap's own exit time: the phase-1 scan run bare, SIGTERMed by us, timed to its exit by a pidfd.
+    No worker is involved, so this is what no cancel path can beat."""
+    times = []
+    with tempfile.TemporaryDirectory(prefix="falcoria-bench-floor-") as tmp:
+        command = bare.phase1_command(lab.targets.blackhole, SLOW_PHASE1, Path(tmp) / "phase1.xml")
+        for _ in range(samples):
+            proc = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
+            time.sleep(random.uniform(0.3, 0.8))
+            fd = os.pidfd_open(proc.pid)
+            since = time.time()
+            os.killpg(proc.pid, signal.SIGTERM)
+            exited = _exit_after(fd, since)
+            os.close(fd)
+            proc.wait()
+            if exited is not None:
+                times.append(exited)
+    return times
+
+
 def run(lab: Lab, quick: bool) -> Result:
     worker = lab.worker("1")
     probe = _Probe(lab, worker)
@@ -199,6 +225,7 @@ def run(lab: Lab, quick: bool) -> Result:
         else:
             samples.append(_queued(probe))
     alone = _queued_alone(probe)
+    floor = _floor(lab, 4 if quick else 15)
     worker.stop()
 
     result = Result(
@@ -221,6 +248,18 @@ def run(lab: Lab, quick: bool) -> Result:
                 ms(max(cleans, default=float("nan"))),
             ]
         )
+    result.rows.append(
+        [
+            "floor: bare nmap, SIGTERM -> exit",
+            str(len(floor)),
+            ms(median(floor)),
+            ms(percentile(floor, 99)),
+            ms(max(floor, default=float("nan"))),
+            "",
+            "",
+            "",
+        ]
+    )
     exits = [s.exit for s in samples if s.exit is not None]
     cleans = [s.clean for s in samples if s.clean is not None]
     p99_exit, p99_clean = percentile(exits, 99), percentile(cleans, 99)
