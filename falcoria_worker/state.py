@@ -94,6 +94,11 @@ end
 -- Released, but still indexed with a re-publish deadline: if the re-publish is lost (the instance dies
 -- before it reaches the broker) and nobody claims the task by then, a sweep re-publishes it again.
 local republish_by = tonumber(ARGV[2]) + tonumber(ARGV[4])
+if ARGV[5] == '1' then
+  -- handed back by a stopping worker: not the task's fault, so the attempt does not count
+  local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1')
+  redis.call('HSET', KEYS[1], 'attempts', math.max(attempts - 1, 0))
+end
 redis.call('HSET', KEYS[1], 'state', 'released', 'deadline', republish_by)
 redis.call('HDEL', KEYS[1], 'owner')
 redis.call('ZADD', KEYS[2], republish_by, ARGV[1])
@@ -371,16 +376,23 @@ class RedisState:
         return [_text(i) for i in self.r.zrangebyscore(keys.LEASES_KEY, "-inf", now)]
 
     def reclaim(
-        self, task_id: str, owner_hint: str | None, now: float, republish_grace: float = 3600.0
+        self,
+        task_id: str,
+        owner_hint: str | None,
+        now: float,
+        republish_grace: float = 3600.0,
+        *,
+        refund: bool = False,
     ) -> str | None:
         """Take back a held lease that expired, or any held lease of `owner_hint` (an instance recovering
         its own tasks after a restart), and return its message for re-publishing. Atomic: of several
         instances sweeping the same expired lease, exactly one gets the message. A released lease that
         nobody claimed within `republish_grace` seconds is taken back again (its re-publish was lost);
-        the grace is long because a re-published task may wait in a busy queue for a while."""
+        the grace is long because a re-published task may wait in a busy queue for a while. `refund`
+        takes back the attempt the claim counted (a hand-back at shutdown is not the task's fault)."""
         message = self._reclaim(
             keys=[keys.lease_key(task_id), keys.LEASES_KEY],
-            args=[task_id, repr(now), owner_hint or "", repr(republish_grace)],
+            args=[task_id, repr(now), owner_hint or "", repr(republish_grace), "1" if refund else "0"],
         )
         return None if message is None else _text(message)
 

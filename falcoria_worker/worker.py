@@ -753,8 +753,10 @@ class Worker:
             else:
                 self._republish_lease(task_id, owner_hint=self.owner)
 
-    def _republish_lease(self, task_id: str, owner_hint: str | None) -> None:
-        text = self.state.reclaim(task_id, owner_hint, time.time(), republish_grace=REPUBLISH_GRACE)
+    def _republish_lease(self, task_id: str, owner_hint: str | None, *, refund: bool = False) -> None:
+        text = self.state.reclaim(
+            task_id, owner_hint, time.time(), republish_grace=REPUBLISH_GRACE, refund=refund
+        )
         if text is None:
             return
         self._pending_republish.append((task_id, RawMessage.loads(text)))
@@ -763,14 +765,16 @@ class Worker:
         if self.conn is None or not self.broker_ok:
             return
         while self.handbacks:
-            running = self.handbacks[-1]
-            self._publish(running.raw)  # a broker error leaves it listed for the next connection
-            self.handbacks.pop()
+            task_id = self.handbacks.pop().task_id
             try:
-                self.state.release(running.task_id, self.owner)
-                self.state.set_status(running.task_id, TaskState.QUEUED, error="handed back at shutdown")
+                # Released *before* it is published: another instance that receives the copy at once
+                # must be able to claim it (publishing first lost the task: the copy was dropped as a
+                # duplicate and the release then deleted the lease).
+                self._republish_lease(task_id, owner_hint=self.owner, refund=True)
+                self.state.set_status(task_id, TaskState.QUEUED, error="handed back at shutdown")
             except redis.RedisError as exc:
-                log.warning("could not release the lease of a handed-back task: %s", exc)
+                # The lease stays ours: this instance's next start (or a sweep) re-queues the task.
+                log.warning("could not hand %s back now: %s", task_id, self._describe(exc))
         while self._pending_republish:
             task_id, raw = self._pending_republish[-1]
             self._publish(raw)
