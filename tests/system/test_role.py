@@ -7,6 +7,7 @@ One scenario in order: each test starts from the state the previous one left.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,7 @@ def config(
         "falcoria_worker_redis_pass": redis_server.password,
         # Short enough for the failing canary below; a working instance is READY within seconds.
         "falcoria_worker_ready_timeout": 30,
+        "falcoria_worker_instance_settings": {"2": {"CONCURRENCY": 3}},
     }
 
 
@@ -136,6 +138,8 @@ def test_first_rollout_runs_every_instance_and_registers_the_ips(
         assert all(line.endswith(" 600 root") for line in secrets if line), secrets
         conf = machine.run("cat", "/etc/falcoria-worker/worker.conf").stdout
         assert "Ansible managed" in conf
+        effective = machine.run("falcoria-worker", "config", "--instance", "2").stdout
+        assert re.search(r"^CONCURRENCY += 3 .*worker@2\.conf", effective, re.M), effective
         assert str(config["falcoria_worker_rabbitmq_password"]) not in conf
     # No secret in what Ansible printed.
     for key in ("falcoria_worker_rabbitmq_password", "falcoria_worker_redis_pass"):
@@ -187,14 +191,16 @@ def test_scaling_down_stops_and_disables_the_extra_instance(
     playbook: fleet_mod.Playbook,
     config: dict[str, object],
 ) -> None:
-    fewer = {**config, "falcoria_worker_instances": 1}
+    # Instance 2's settings go with it (preflight refuses settings for an instance the host does not run).
+    fewer = {**config, "falcoria_worker_instances": 1, "falcoria_worker_instance_settings": {}}
     result = playbook.run(fewer, host_vars=HOST_VARS)
     assert result.rc == 0, _explain(result)
     for machine in fleet.machines.values():
         props = machine.show("falcoria-worker@2.service", "ActiveState", "UnitFileState")
         assert (props["ActiveState"], props["UnitFileState"]) == ("inactive", "disabled")
         assert machine.show("falcoria-worker@1.service", "ActiveState")["ActiveState"] == "active"
-    config["falcoria_worker_instances"] = 1
+        assert machine.run("test", "-e", "/etc/falcoria-worker/worker@2.conf", check=False).returncode == 1
+    config.update(fewer)
 
 
 def test_a_new_nat_address_is_registered_at_once(
