@@ -160,8 +160,15 @@ def test_second_run_changes_nothing(playbook: fleet_mod.Playbook, config: dict[s
 
 
 def test_check_diff_runs_clean(playbook: fleet_mod.Playbook, config: dict[str, object]) -> None:
-    result = playbook.run(config, "--check", "--diff", host_vars=HOST_VARS)
+    # A changed secret shows as a change, never as a diff.
+    rotated = {**config, "falcoria_worker_redis_pass": "rotated-redis-secret"}
+    result = playbook.run(rotated, "--check", "--diff", host_vars=HOST_VARS)
     TIMINGS["role: --check --diff (2 hosts)"] = result.seconds
+    assert result.rc == 0, _explain(result)
+    assert "rotated-redis-secret" not in result.output
+    for name in result.recap:
+        assert "Write the credential files" in result.changed_tasks.get(name, []), _explain(result)
+    result = playbook.run(config, "--check", "--diff", host_vars=HOST_VARS)
     assert result.rc == 0, _explain(result)
     assert {name: row["changed"] for name, row in result.recap.items()} == {CANARY: 0, SECOND: 0}
 
