@@ -1,9 +1,14 @@
-"""Fixtures of the system layer: a booted Debian 12 container (harness.py), the .deb, and Redis and
+"""Fixtures of the system layer: a booted Debian container (harness.py), the .deb, and Redis and
 RabbitMQ on the host's bridge address where the container can reach them.
 
     system_container  (session)  harness.Container, booted once; skipped without root or nspawn
-    falcoria_deb      (session)  path of the .deb: $FALCORIA_WORKER_DEB, else built once by scripts/build-deb
+    falcoria_deb      (session)  path of the .deb: $FALCORIA_WORKER_DEB, else built once by
+                                 scripts/build-deb --dist harness.SUITE
     bridge_services   (session)  (RedisServer, RabbitMQ) bound to 127.0.0.1 and the bridge address
+
+The release is Debian 12 (bookworm) unless FALCORIA_SYSTEST_DIST=trixie selects Debian 13: one release
+per session, because the sessions of a machine are serialised and a second release costs only a few
+minutes as a separate run (CI runs both).
 
 The times of the expensive steps (TIMINGS, seconds) and other measurements (FACTS, unit in the name) are
 printed at the end of the run.
@@ -42,7 +47,11 @@ def falcoria_deb() -> Path:
         return Path(given)
     started = time.monotonic()
     proc = subprocess.run(
-        [str(harness.REPO / "scripts/build-deb")], capture_output=True, text=True, timeout=900, check=False
+        [str(harness.REPO / "scripts/build-deb"), "--dist", harness.SUITE],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     if proc.returncode != 0:
         pytest.fail(f"scripts/build-deb failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -73,7 +82,7 @@ def bridge_services(
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if TIMINGS or FACTS:
-        terminalreporter.section("system test timings")
+        terminalreporter.section(f"system test timings ({harness.SUITE})")
         for name, seconds in TIMINGS.items():
             terminalreporter.write_line(f"{name:45} {seconds:8.2f} s")
         for name, value in FACTS.items():

@@ -1,6 +1,6 @@
-"""A booted Debian 12 with systemd as PID 1, for the system tests (the .deb, the units, the role).
+"""A booted Debian with systemd as PID 1, for the system tests (the .deb, the units, the role).
 
-    rootfs_tarball()   cached bookworm rootfs (mmdebstrap), keyed by a hash of what goes into it
+    rootfs_tarball()   cached rootfs of SUITE (mmdebstrap), keyed by a hash of what goes into it
     Lab                bridge + container netns + target netns with listeners, all in SUBNET
     Container          unpack into a tmpfs, boot with systemd-nspawn, run commands inside, tear down
 
@@ -15,6 +15,9 @@ The host has no systemd as PID 1 and no machined, so the container is booted wit
 --keep-unit` and reached with nsenter (not machinectl). Its journal is persistent, so the host can also
 read it with `journalctl -D <root>/var/log/journal`. The host keeps ip_forward=0: the namespaces reach
 each other and the host's bridge address, never the outside.
+
+SUITE is the Debian release of the container: bookworm (Debian 12), or what $FALCORIA_SYSTEST_DIST names
+(trixie: Debian 13). The .deb under test must be built for the same release (scripts/build-deb --dist).
 
 One system-test session at a time per machine: names and subnet are fixed so that leftovers of a
 crashed run can be found and removed; an flock on LOCK_PATH serialises sessions.
@@ -39,11 +42,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("FW_ROOTFS_CACHE", "/var/cache/falcoria-worker-tests"))
 LOCK_PATH = Path("/run/lock/falcoria-worker-systest.lock")
-SUITE = "bookworm"
+SUITES = ("bookworm", "trixie")
+SUITE = os.environ.get("FALCORIA_SYSTEST_DIST") or SUITES[0]
+if SUITE not in SUITES:
+    raise ValueError(f"FALCORIA_SYSTEST_DIST={SUITE!r}: the system tests know {', '.join(SUITES)}")
 
 # Everything the container needs, pre-installed, because its private network has no way out: systemd as
-# init, nmap and the tools the tests use, the .deb's runtime dependencies (python3.11, libsystemd0,
-# systemd-sysusers from systemd), openssh-server and python3-apt for the Ansible role's tests.
+# init, nmap and the tools the tests use, the .deb's runtime dependencies (the release's python3.X,
+# libsystemd0, systemd-sysusers from systemd), openssh-server and python3-apt for the Ansible role's tests.
 ROOTFS_PACKAGES = (
     "dbus",
     "iproute2",
@@ -152,37 +158,27 @@ def session_lock(timeout: float = 600) -> Iterator[None]:
 # --- rootfs --------------------------------------------------------------------------------------------
 
 
-def apt_sources() -> list[str]:
-    """The host's own Debian sources as one-line entries for mmdebstrap (no mirror is hard-coded)."""
-    text = Path("/etc/apt/sources.list.d/debian.sources").read_text()
-    lines: list[str] = []
-    for stanza in text.split("\n\n"):
-        fields: dict[str, str] = {}
-        for line in stanza.splitlines():
-            if line.startswith("#") or ":" not in line or line.startswith(" "):
-                continue
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-        if "deb" not in fields.get("Types", "").split() or "URIs" not in fields:
-            continue
-        uri = fields["URIs"].split()[0]
-        for suite in fields.get("Suites", "").split():
-            lines.append(f"deb {uri} {suite} {fields.get('Components', 'main')}")
+def apt_sources(suite: str = SUITE) -> list[str]:
+    """The host's own Debian mirrors for `suite` as one-line entries for mmdebstrap (no mirror is
+    hard-coded): scripts/apt-sources, which scripts/build-deb uses for its build roots too."""
+    lines = sh(str(REPO / "scripts/apt-sources"), suite).stdout.splitlines()
     if not lines:
         raise HarnessError("no Debian sources found in /etc/apt/sources.list.d/debian.sources")
     return lines
 
 
-def rootfs_key(packages: Sequence[str]) -> str:
+def rootfs_key(packages: Sequence[str], suite: str = SUITE) -> str:
     """Cache key: what goes into the rootfs (suite, packages, hooks), not where it comes from."""
-    recipe = "\n".join([SUITE, "minbase", *sorted(packages), *_CUSTOMIZE_HOOKS])
+    recipe = "\n".join([suite, "minbase", *sorted(packages), *_CUSTOMIZE_HOOKS])
     return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
-def rootfs_tarball(extra_packages: Sequence[str] = (), timings: dict[str, float] | None = None) -> Path:
+def rootfs_tarball(
+    extra_packages: Sequence[str] = (), timings: dict[str, float] | None = None, suite: str = SUITE
+) -> Path:
     """The cached rootfs tarball for ROOTFS_PACKAGES + extra_packages; built with mmdebstrap on a miss."""
     packages = sorted({*ROOTFS_PACKAGES, *extra_packages})
-    target = CACHE_DIR / f"rootfs-{SUITE}-{rootfs_key(packages)}.tar.zst"
+    target = CACHE_DIR / f"rootfs-{suite}-{rootfs_key(packages, suite)}.tar.zst"
     if target.exists():
         return target
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -199,9 +195,9 @@ def rootfs_tarball(extra_packages: Sequence[str] = (), timings: dict[str, float]
             "--variant=minbase",
             f"--include={','.join(packages)}",
             *hooks,
-            SUITE,
+            suite,
             str(partial),
-            *apt_sources(),
+            *apt_sources(suite),
             timeout=900,
         )
         partial.rename(target)
