@@ -33,8 +33,8 @@ def figures(request: pytest.FixtureRequest) -> Iterator[Figures]:
 
 
 @pytest.fixture
-def watch() -> Iterator[ProcessWatch]:
-    sampler = ProcessWatch()
+def watch(tmp_path: Path) -> Iterator[ProcessWatch]:
+    sampler = ProcessWatch(tmp_path)
     sampler.start()
     yield sampler
     sampler.stop()

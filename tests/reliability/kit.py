@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from tests.fakes.scanledger import FakeScanLedger
-from tests.support.drive import EXTENSION_KEYS, status, wait_until
+from tests.support.drive import EXTENSION_KEYS, scan_fields, status, wait_until
 from tests.support.tasker import Tasker
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
@@ -62,8 +62,9 @@ class ProcessWatch(threading.Thread):
     which instance (state dir) runs nmap for which task at each moment. A task seen in two state dirs in
     the same sample ran twice in parallel."""
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, root: Path, interval: float = 0.05) -> None:
         super().__init__(daemon=True, name="process-watch")
+        self.root = str(root)  # only nmap under this directory is ours (other sessions may scan too)
         self.interval = interval
         self.argvs: set[bytes] = set()
         self.nmap_tasks: dict[str, set[str]] = {}  # task id -> state dirs that ever ran nmap for it
@@ -89,7 +90,7 @@ class ProcessWatch(threading.Thread):
                 continue
             self.argvs.add(cmdline)
             match = _WORKDIR.search(cmdline)
-            if match:
+            if match and match[1].decode().startswith(self.root):
                 task_id, state_dir = match[2].decode(), match[1].decode()
                 now.setdefault(task_id, set()).add(state_dir)
                 self.nmap_tasks.setdefault(task_id, set()).add(state_dir)
@@ -120,13 +121,19 @@ class Run:
         return {task_id: status(self.redis_server, task_id) for task_id in self.tasks}
 
     def delivered(self) -> bool:
-        return all(s.get("delivery") == "delivered" for s in self.states().values())
+        """Every task ended and ScanLedger holds its report. (What ScanLedger accepted is the truth here;
+        the status's `delivery` field is checked on its own, see test_service_restarts.)"""
+        states = self.states().values()
+        return all(s.get("state") in TERMINAL for s in states) and all(self.uploads_per_task().values())
 
     def wait_delivered(self, timeout: float = 180.0) -> None:
         try:
             wait_until(self.delivered, timeout=timeout, what="every task delivered")
         except AssertionError:
-            pending = {t: s for t, s in self.states().items() if s.get("delivery") != "delivered"}
+            counts = self.uploads_per_task()
+            pending = {
+                t: s for t, s in self.states().items() if not counts[t] or s.get("state") not in TERMINAL
+            }
             raise AssertionError(f"not delivered: {pending}") from None
 
     def uploads_per_task(self) -> dict[str, int]:
@@ -209,12 +216,16 @@ def secret_exposures(
 
 
 def wait_served(
-    tasker: Tasker, worker_nodes: Iterable[str], redis_server: Any, fields: dict[str, Any]
+    tasker: Tasker,
+    worker_nodes: Iterable[str],
+    redis_server: Any,
+    fields: dict[str, Any],
+    ledger: FakeScanLedger,
 ) -> None:
     """The fleet still serves: every instance answers a Celery ping and a fresh task completes."""
     nodes = set(worker_nodes)
     wait_until(lambda: nodes <= set(tasker.ping(timeout=1.0)), timeout=30, what="every instance answers ping")
-    task_id = tasker.send_scan(**fields)
+    task_id = tasker.send_scan(**fields, project=uuid.UUID(ledger.add_project()))
     assert task_id is not None
     wait_until(
         lambda: status(redis_server, task_id).get("state") in TERMINAL,
@@ -237,3 +248,34 @@ def nmap_tasks_of(worker: Any) -> dict[int, str]:
             if match:
                 running[pid] = match[2].decode()
     return running
+
+
+def paced_scan(target) -> dict[str, Any]:
+    """About 3 s of phase 1 (30 probes 100 ms apart), then a short phase 2 on the banner ports: long
+    enough that a random moment lands inside either phase."""
+    return scan_fields(target, "1-30", open_ports_opts="-n -Pn --max-retries 1 --scan-delay 100ms -p 1-30")
+
+
+def statuses_between(worker: Any, start: float, end: float) -> list[str]:
+    """The sd_notify STATUS texts an instance sent between two monotonic instants."""
+    return [
+        line.removeprefix("STATUS=")
+        for at, line in list(worker.notify.messages)
+        if start <= at < end and line.startswith("STATUS=")
+    ]
+
+
+def first_status_at(worker: Any, predicate: Any, after: float, timeout: float = 60.0) -> float:
+    """When the instance first sent a STATUS matching `predicate` after `after` (waits for it)."""
+    found: list[float] = []
+
+    def seen() -> bool:
+        found[:] = [
+            at
+            for at, line in list(worker.notify.messages)
+            if at >= after and line.startswith("STATUS=") and predicate(line.removeprefix("STATUS="))
+        ]
+        return bool(found)
+
+    wait_until(seen, timeout=timeout, what=f"a STATUS of {worker.nodename} matching the state")
+    return found[0]
