@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.support.services import RabbitMQ, RedisServer
 from tests.system import fleet as fleet_mod
@@ -95,6 +96,16 @@ def _invocations(machine: harness.Container, count: int) -> dict[str, str]:
 
 def _explain(result: fleet_mod.Result) -> str:
     return f"ansible-playbook rc={result.rc} in {result.seconds:.1f} s\n{result.output[-6000:]}"
+
+
+def test_defaults_and_argument_specs_name_the_same_variables() -> None:
+    """Every variable is documented with its default and type-checked, and the two files agree."""
+    role = fleet_mod.ANSIBLE_DIR / "roles/falcoria_worker"
+    defaults = yaml.safe_load((role / "defaults/main.yml").read_text())
+    specs = yaml.safe_load((role / "meta/argument_specs.yml").read_text())
+    options = specs["argument_specs"]["main"]["options"]
+    assert sorted(defaults) == sorted(options)
+    assert {name: spec.get("default") for name, spec in options.items()} == defaults
 
 
 def test_check_mode_on_fresh_hosts_runs_without_errors(
