@@ -154,11 +154,12 @@ class Run:
 def leaked_keys(tasker: Tasker, r: redis.Redis) -> list[str]:
     """Keys a finished run must not leave: anything of Tasker's, a held lease, or an extension key that
     would never expire. (Released leases and the status/marker keys expire by design.)"""
-    leaks = tasker.leftover_keys(ignore=("worker:*", "fw:lease:*", *EXTENSION_KEYS))
+    # fw:node:{node} belongs to a live instance (renewed with its heartbeat), like Tasker's worker:{host}.
+    leaks = tasker.leftover_keys(ignore=("worker:*", "fw:node:*", "fw:lease:*", *EXTENSION_KEYS))
     for key in r.keys("fw:lease:*"):
         if r.hget(key, "state") == "held":
             leaks.append(f"{key} (held)")
-    for pattern in (*EXTENSION_KEYS, "fw:lease:*"):
+    for pattern in (*EXTENSION_KEYS, "fw:lease:*", "fw:node:*"):
         leaks.extend(f"{key} (no TTL)" for key in r.keys(pattern) if r.ttl(key) == -1)
     return sorted(leaks)
 

@@ -110,3 +110,44 @@ def test_hostile_input_never_reaches_nmap(
     wait_served(tasker, [worker.nodename], redis_server, scan_fields(target, "80"), scanledger)
     # The one nmap that ran is the served check's own.
     assert len(watch.nmap_tasks) <= 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "DEFECT: forged messages stall the cleanup of real tasks. Every undecodable or invalid payload costs "
+        "the single janitor thread METADATA_GRACE (3 s) waiting for Tasker metadata that a forger never "
+        "writes (_clean_rejected -> _await_tracking without a task), and the janitor also finishes Tasker's "
+        "rejected and poison tasks: N forged messages delay those by 3N s and keep N payloads in memory; "
+        "a refused real task even gets its failed status only then."
+    ),
+)
+def test_forged_messages_do_not_delay_tasker_cleanup(
+    tasker, worker_factory, scanledger, netns_lab, redis_server, figures: Figures
+) -> None:
+    worker = worker_factory(ledger=scanledger).start()
+    forged = cases("hostile_payloads.json")[:30]
+    for case in forged:
+        body, headers, properties = celery_message(
+            SCAN_TASK,
+            str(uuid.uuid4()),
+            [case["input"]],
+            origin="attacker@broker",
+            reply_to=str(uuid.uuid4()),
+        )
+        tasker.publish_raw(body, headers, properties)
+    figures.faults[f"{len(forged)} forged payloads"] += 1
+    project = uuid.uuid4()
+    refused = tasker.send_scan(
+        **scan_fields(netns_lab.services, "80", service_opts="-sV --script vuln"), project=project
+    )
+    good = tasker.send_scan(
+        **scan_fields(netns_lab.services, "80"), project=uuid.UUID(scanledger.add_project())
+    )
+    wait_until(
+        lambda: status(redis_server, good).get("state") == "completed", timeout=60, what="the good task"
+    )
+    # The refused task's verdict and Tasker's view of it (still counted active while the janitor sleeps).
+    verdict = (status(redis_server, refused).get("state"), tasker.status(str(project))["active_or_queued"])
+    assert verdict == ("failed", 0)
+    assert worker.alive()
