@@ -85,3 +85,9 @@ def revoked_key(task_id: str) -> str:
 def delivered_key(task_id: str) -> str:
     """STRING with a TTL: the task's report reached ScanLedger (a redelivered copy must not scan again)."""
     return f"fw:delivered:{task_id}"
+
+
+def node_key(nodename: str) -> str:
+    """Which machine runs the Celery node `worker<N>@<hostname>`: two hosts with the same name would
+    share every host-scoped key (and steal each other's leases), so the second one refuses to start."""
+    return f"fw:node:{nodename}"

@@ -274,6 +274,22 @@ class RedisState:
     def refresh_lock(self, task: ScanTask, ttl: int) -> None:
         self._refresh_lock(keys=[keys.lock_key(task.project, task.ip, task.open_ports_str)], args=[ttl])
 
+    def claim_node(self, nodename: str, identity: str, ttl: int) -> str | None:
+        """Record that `identity` (machine and state dir) runs `nodename`; returns the other identity when
+        a live one already does (its key is renewed with every lease heartbeat, so it expires ttl after
+        that instance died)."""
+        key = keys.node_key(nodename)
+        if self.r.set(key, identity, nx=True, ex=ttl):
+            return None
+        holder = self.r.get(key)
+        if holder is None or _text(holder) == identity:
+            self.r.set(key, identity, ex=ttl)
+            return None
+        return _text(holder)
+
+    def renew_node(self, nodename: str, identity: str, ttl: int) -> None:
+        self.r.set(keys.node_key(nodename), identity, ex=ttl)
+
     def register_ip(self, ip: str) -> None:
         self.r.hset(keys.worker_key(self.hostname), mapping={"ip": ip, "last_updated": int(time.time())})
 

@@ -19,12 +19,16 @@ Why the loop is ours and not a stock Celery worker (see also docs/design.md):
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import logging
+import os
 import queue
 import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +40,7 @@ from kombu import Connection, Consumer, Producer
 from falcoria_worker import broker, protocol, runner
 from falcoria_worker.broker import RawMessage
 from falcoria_worker.config import Settings
-from falcoria_worker.errors import Cancelled, Rejected, ScanFailed, ScanInterrupted
+from falcoria_worker.errors import Cancelled, ConfigError, Rejected, ScanFailed, ScanInterrupted
 from falcoria_worker.logs import task_context
 from falcoria_worker.model import Phase, ScanTask, TaskState, parse_cancel, parse_task
 from falcoria_worker.netaddr import default_route_source_ip, echo_ip
@@ -61,6 +65,18 @@ REVOKED_MEMORY = 10_000  # revoked ids kept in memory (Celery keeps 50,000; Redi
 
 
 @dataclass
+class TaskEnd:
+    """How a scan thread's task ended, kept until Redis has recorded it (replayed after an outage)."""
+
+    state: TaskState
+    error: str | None = None
+    delivery: str | None = None
+    stored: bool = False  # the result is in the spool or results dir: the task is finished
+    requeue: bool = False  # nmap was killed from outside: run it again through the lease
+    keep_lock: bool = False  # Tasker's lock is not ours to delete (Tasker stopped the task)
+
+
+@dataclass
 class Running:
     task_id: str
     task: ScanTask
@@ -73,6 +89,29 @@ class Running:
     detail: str = "starting"
     percent: float | None = None
     last_progress_write: float = 0.0
+
+
+def _logged(fn: Callable[..., None]) -> Callable[..., None]:
+    """Pool work whose exceptions are logged: an executor keeps them in a future nobody reads."""
+
+    @functools.wraps(fn)
+    def run(*args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+
+    return run
+
+
+def machine_id() -> str:
+    """systemd's machine id, or the boot id where there is none (a container without /etc/machine-id)."""
+    for path in ("/etc/machine-id", "/proc/sys/kernel/random/boot_id"):
+        with contextlib.suppress(OSError):
+            text = Path(path).read_text().strip()
+            if text:
+                return text
+    return "unknown-machine"
 
 
 def current_ip(settings: Settings) -> str | None:
@@ -107,6 +146,10 @@ class Worker:
         self.deliverer = deliverer
         self.nodename = f"{settings.node_name}@{settings.hostname}"
         self.owner = self.nodename  # lease owner: stable across restarts of the same instance
+        # Who runs this node: the machine and the state dir, so a restart here is recognised as us.
+        self.identity = f"{machine_id()}:{settings.state_dir}"
+        self._node_ttl = settings.lease_ttl * 3
+        self._lock_fd: int | None = None
         self.state_dir = Path(settings.state_dir)
         self.results_dir = self.state_dir / "results"
         self.work_root = self.state_dir / "work"
@@ -130,9 +173,12 @@ class Worker:
         self._last_heartbeat = 0.0
         self._last_sweep = 0.0
         self._last_redis_probe = 0.0
-        self._redis_backlog: list[tuple[Any, ...]] = []
+        self._redis_backlog: list[tuple[Running, TaskEnd]] = []
         self._pending_republish: list[tuple[str, RawMessage]] = []
         self._recovered = False
+        # Sweeping other instances' leases waits one lease period after start and after a Redis
+        # outage: live instances renew within a third of it, so only the truly dead are re-queued.
+        self._sweep_not_before = time.monotonic() + settings.lease_ttl
 
     # ------------------------------------------------------------------ life cycle
 
@@ -140,6 +186,7 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.work_root.mkdir(parents=True, exist_ok=True)
+        self._lock_state_dir()
         self._kill_orphans()
         if self.deliverer:
             self.deliverer.start()
@@ -174,6 +221,21 @@ class Worker:
             finally:
                 self._drop_connection()
 
+    def _lock_state_dir(self) -> None:
+        """One `run` per state directory: a second one (the same instance started by hand beside the
+        unit) would kill the first one's nmap as an orphan and take over its leases."""
+        fd = os.open(self.state_dir / "run.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                "STATE_DIR",
+                f"{self.state_dir} is in use by another falcoria-worker run (the same instance twice?)",
+                "stop the other one, or give this one its own INSTANCE",
+            ) from None
+        self._lock_fd = fd  # held until the process exits
+
     def _on_signal(self, signum: int, _frame: object) -> None:
         if not self.stop_requested:
             log.info("received %s: stopping", signal.Signals(signum).name)
@@ -184,6 +246,13 @@ class Worker:
         end = time.monotonic() + seconds
         while not self.stop_requested and time.monotonic() < end:
             self._collect_events()
+            if self.redis_ok:
+                # Leases are renewed during a broker outage too: the scans go on, and other instances
+                # must not take them over.
+                try:
+                    self._redis_duties(time.monotonic())
+                except redis.RedisError:
+                    self.redis_ok = False
             self._feed_watchdog()
             time.sleep(min(LOOP_TIMEOUT, max(0.0, end - time.monotonic())))
 
@@ -280,6 +349,7 @@ class Worker:
             with contextlib.suppress(redis.RedisError):
                 self.state.ping()
                 self.redis_ok = True
+                self._sweep_not_before = now + self.settings.lease_ttl
                 log.info("Redis is back")
                 self._update_consumption()
         if self.redis_ok:
@@ -302,8 +372,9 @@ class Worker:
         lease_ttl = self.settings.lease_ttl
         if now - self._last_heartbeat >= lease_ttl / 3:
             self._last_heartbeat = now
+            self.state.renew_node(self.nodename, self.identity, self._node_ttl)
             self._heartbeat_leases()
-        if now - self._last_sweep >= lease_ttl / 2:
+        if now - self._last_sweep >= lease_ttl / 2 and now >= self._sweep_not_before:
             self._last_sweep = now
             self._recover_expired()
 
@@ -431,7 +502,7 @@ class Worker:
             with task_context(task_id=task_id):
                 log.error("rejected task: %s", exc.reason)
             self.state.set_status(task_id, TaskState.FAILED, error=f"rejected: {exc.reason}")
-            self.janitor.submit(self._clean_rejected, task_id, data)
+            self.janitor.submit(_logged(self._clean_rejected), task_id, data)
             return None
 
     def _admit(self, task_id: str, task: ScanTask, raw: RawMessage) -> None:
@@ -449,14 +520,14 @@ class Worker:
         if verdict == "poison":
             reason = f"gave up after {self.settings.max_attempts} attempts: the worker died each time"
             log.error("%s", reason)
-            self.janitor.submit(self._finish_rejected, task_id, task, reason)
+            self.janitor.submit(_logged(self._finish_rejected), task_id, task, reason)
             return
         try:
             plan = self.engine.prepare(task)
         except (Rejected, ScanFailed) as exc:
             reason = exc.reason if isinstance(exc, Rejected) else str(exc)
             log.error("rejected task: %s", reason)
-            self.janitor.submit(self._finish_rejected, task_id, task, f"rejected: {reason}")
+            self.janitor.submit(_logged(self._finish_rejected), task_id, task, f"rejected: {reason}")
             return
         self.state.mark_running(task_id, task, started_at=int(time.time()), worker=self.nodename)
         self.state.set_status(task_id, TaskState.RECEIVED, worker=self.nodename)
@@ -465,7 +536,7 @@ class Worker:
         # Stop consuming before the caller acks: with prefetch 1 nothing else can arrive in between.
         self._update_consumption()
         log.info("received scan of %s (mode %s, timeout %d s)", task.ip, task.mode.value, task.timeout)
-        self.pool.submit(self._execute, running, plan)
+        self.pool.submit(_logged(self._execute), running, plan)
 
     def _skip_reason(self, task_id: str, task: ScanTask) -> str | None:
         finished = self.state.get_status(task_id).get("state")
@@ -473,6 +544,8 @@ class Worker:
             # A redelivered copy of a task that already ended (e.g. re-queued by a crash between the
             # hand-back publish and the lease release): nothing of it is left to touch.
             return f"duplicate delivery of a task that already ended ({finished})"
+        if self.state.was_delivered(task_id) or (self.spool is not None and self.spool.has(task_id)):
+            return "duplicate delivery of a task whose result is already delivered or spooled"
         if task_id in self.revoked or self.state.is_revoked(task_id):
             # Tasker's stop removed the lock already; a rescan may hold a new one by now.
             self.state.cleanup(task_id, task, include_lock=False)
@@ -515,59 +588,82 @@ class Worker:
     def _execute(self, running: Running, plan: Plan) -> None:
         task, task_id = running.task, running.task_id
         with task_context(task_id=task_id, project_id=task.project, target=task.ip):
-            state, error, delivery = TaskState.FAILED, None, None
+            end = TaskEnd(TaskState.FAILED)
             workdir = self.work_root / task_id
-            keep_lock = requeue = False
             try:
                 self._await_tracking(task_id, task)
                 if self.settings.require_task_metadata and self.state.tasker_stopped(task_id, task):
-                    keep_lock = True  # Tasker's stop removed it; a rescan may own that lock now
+                    end.keep_lock = True  # Tasker's stop removed it; a rescan may own that lock now
                     raise Cancelled("stopped by Tasker: its metadata and lock are gone")
                 outcome = self.engine.execute(plan, workdir, running.cancel, _Hooks(self, running))
-                delivery = self._store(task_id, task, outcome.report)
-                state = TaskState.COMPLETED
-                error = "; ".join(outcome.notes) or None
+                if running.lease_lost:
+                    raise Cancelled("another worker took the task over")  # it delivers, not us
+                end.delivery = self._store(task_id, task, outcome.report)
+                # Stored: from here on the task is finished, whatever happens to this process.
+                end.stored, end.state = True, TaskState.COMPLETED
+                end.error = "; ".join(outcome.notes) or None
                 log.info(
                     "scan finished: %d open port(s)%s",
                     len(outcome.open_ports),
-                    f" ({error})" if error else "",
+                    f" ({end.error})" if end.error else "",
                 )
             except ScanInterrupted as exc:
                 log.warning("%s; re-queueing the task", exc)
-                requeue, error = True, str(exc)
+                end.requeue, end.error = True, str(exc)
             except Cancelled as exc:
-                state, error = TaskState.CANCELLED, str(exc)
+                end.state, end.error = TaskState.CANCELLED, str(exc)
+                end.keep_lock = end.keep_lock or not self._lock_is_ours(task_id)
                 log.info("%s", "stopped by shutdown; handing the task back" if running.shutdown else exc)
             except (Rejected, ScanFailed) as exc:
-                error = exc.reason if isinstance(exc, Rejected) else str(exc)
-                log.error("scan failed: %s", error)
+                end.error = exc.reason if isinstance(exc, Rejected) else str(exc)
+                log.error("scan failed: %s", end.error)
             except Exception as exc:  # a bug must fail one task, not the worker
-                error = f"internal error: {type(exc).__name__}: {exc}"
+                end.error = f"internal error: {type(exc).__name__}: {exc}"
                 log.exception("scan failed with an internal error")
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
             try:
-                if running.shutdown or running.lease_lost:
-                    # Not ours to finish: the task goes back to the queue (shutdown) or another
-                    # worker owns it now (lease lost). Only our own traces are removed.
-                    self.state.clear_running(task_id)
-                elif requeue:
-                    # Through the lease, so the next claim counts an attempt (poison stays bounded).
-                    self.state.clear_running(task_id)
-                    self.state.set_status(task_id, TaskState.QUEUED, error=f"re-queued: {error}")
-                    self.events.put(("requeue", task_id))  # the loop thread owns the publishing
-                else:
-                    self._finish_redis(
-                        task_id, task, state, error=error, delivery=delivery, include_lock=not keep_lock
-                    )
+                self._finalize(running, end)
             except redis.RedisError as exc:
                 log.warning("Redis unavailable at the end of the task (%s); cleanup deferred", exc)
                 with self._backlog_lock:
-                    self._redis_backlog.append((task_id, task, state, error, delivery, running))
+                    self._redis_backlog.append((running, end))
             self.events.put(("done", task_id))
 
+    def _lock_is_ours(self, task_id: str) -> bool:
+        """Tasker's stop deletes a task's metadata and lock together before it broadcasts the cancel.
+        Metadata still there means no stop ran (a bare cancel): the lock is this task's to delete.
+        Metadata gone means the lock is gone too, or belongs to a rescan queued since: keep it."""
+        try:
+            return self.state.metadata_exists(task_id)
+        except redis.RedisError:
+            return False  # in doubt, leave the lock to its TTL
+
+    def _finalize(self, running: Running, end: TaskEnd) -> None:
+        """The Redis side of a task's end. Raises RedisError (the caller defers it to the backlog)."""
+        task_id = running.task_id
+        if not end.stored and (running.shutdown or running.lease_lost):
+            # Not ours to finish: the task goes back to the queue (shutdown) or another worker owns
+            # it now (lease lost). Only our own traces are removed.
+            self.state.clear_running(task_id)
+        elif end.requeue:
+            # Through the lease, so the next claim counts an attempt (poison stays bounded).
+            self.state.clear_running(task_id)
+            self.state.set_status(task_id, TaskState.QUEUED, error=f"re-queued: {end.error}")
+            self.events.put(("requeue", task_id))  # the loop thread owns the publishing
+        else:
+            self._finish_redis(
+                task_id,
+                running.task,
+                end.state,
+                error=end.error,
+                delivery=end.delivery,
+                include_lock=not end.keep_lock,
+            )
+
     def _store(self, task_id: str, task: ScanTask, report: Path | None) -> str | None:
-        """Make the result durable before the lease is released (exactly-once hinges on this order)."""
+        """Make the result durable before the lease is released (exactly-once hinges on this order).
+        Returns the delivery text for the task's status, None when the deliverer reports it."""
         if report is None:
             return "nothing to import"
         if self.spool is not None:
@@ -575,13 +671,16 @@ class Worker:
                 # A re-run of a task whose result is already waiting (the lease outlived a crash
                 # right after the spool write): deliver that one, never two.
                 log.warning("a result for this task is already spooled; keeping it")
-                return "pending"
+                return None
             self.spool.put(
                 task_id, report, project=task.project, mode=task.mode.value, track_history=task.track_history
             )
+            # Written before the deliverer is woken, so a fast "delivered" is never overwritten.
+            with contextlib.suppress(redis.RedisError):
+                self.state.set_status_fields(task_id, delivery="pending")
             if self.deliverer:
                 self.deliverer.wake()
-            return "pending"
+            return None
         self.results_dir.mkdir(parents=True, exist_ok=True)
         target = self.results_dir / f"{task_id}.xml"
         shutil.move(str(report), target)
@@ -605,13 +704,9 @@ class Worker:
     def _flush_redis_backlog(self) -> None:
         with self._backlog_lock:
             backlog, self._redis_backlog = self._redis_backlog, []
-        for i, args in enumerate(backlog):
+        for i, (running, end) in enumerate(backlog):
             try:
-                task_id, task, state, error, delivery, running = args
-                if running.shutdown or running.lease_lost:
-                    self.state.clear_running(task_id)
-                else:
-                    self._finish_redis(task_id, task, state, error=error, delivery=delivery)
+                self._finalize(running, end)
             except redis.RedisError:
                 with self._backlog_lock:
                     self._redis_backlog[:0] = backlog[i:]
@@ -644,7 +739,7 @@ class Worker:
                 return
             self.cancel_tasks(ids, source="cancel broadcast")
         elif decoded.name == UPDATE_IP_TASK:
-            self.register_ip()
+            self.janitor.submit(_logged(self.register_ip))  # an echo URL may take seconds: not on the loop
         else:
             log.warning("ignored broadcast task %s", decoded.name[:100])
 
@@ -721,11 +816,17 @@ class Worker:
                     running.proc.cancel()
                 with task_context(task_id=task_id):
                     log.warning("lease lost to another worker; stopping this copy of the scan")
-        for r in self.running.values():
+        for r in list(self.running.values()):
             self.state.refresh_lock(r.task, ttl=self.settings.lease_ttl * 3)
+            # A cancel broadcast is lost while our broadcast queue is gone (broker reconnect); the
+            # revoke marker other instances wrote, or Tasker's stop itself, still tells.
+            stopped = self.settings.require_task_metadata and self.state.tasker_stopped(r.task_id, r.task)
+            if not r.cancel.is_set() and (stopped or self.state.is_revoked(r.task_id)):
+                self.cancel_tasks([r.task_id], source="a revoke or stop seen in Redis")
 
     def _recover_expired(self) -> None:
-        for task_id in self.state.expired(time.time()):
+        # Only leases expired for a whole period: a live owner that was briefly slow renews in time.
+        for task_id in self.state.expired(time.time() - self.settings.lease_ttl):
             if task_id in self.running:
                 continue
             self._republish_lease(task_id, owner_hint=None)
@@ -735,6 +836,13 @@ class Worker:
         instance owned when it died (deliver what was stored, re-queue the rest)."""
         if self._recovered:
             return
+        holder = self.state.claim_node(self.nodename, self.identity, self._node_ttl)
+        if holder is not None:
+            raise ConfigError(
+                "HOSTNAME",
+                f"node {self.nodename} is already run by {holder}",
+                "give each scanner host a unique HOSTNAME (Tasker tells workers apart by it)",
+            )
         self._recovered = True
         self.register_ip()
         for task_id in self.state.owned_by(self.owner):
@@ -747,7 +855,7 @@ class Worker:
                 with task_context(task_id=task_id):
                     log.info("result of a task interrupted after its scan is stored; finishing it")
                 if task is not None:
-                    self._finish_redis(task_id, task, TaskState.COMPLETED, delivery="pending")
+                    self._finish_redis(task_id, task, TaskState.COMPLETED)
                 else:
                     self.state.release(task_id, self.owner)
             else:
@@ -819,7 +927,9 @@ class Worker:
             if running.proc is not None:
                 running.proc.cancel()
         self.pool.shutdown(wait=True)
-        self.janitor.shutdown(wait=True)
+        # Pending cleanups of rejected tasks would each wait for Tasker's keys: not past the stop
+        # timeout. Their Tasker keys keep until the lock's TTL; the tasks are failed in Redis already.
+        self.janitor.shutdown(wait=True, cancel_futures=True)
         self._collect_events()
         if self.handbacks or self._pending_republish:
             try:

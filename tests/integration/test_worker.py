@@ -356,3 +356,17 @@ def test_messages_it_cannot_handle_do_not_take_the_worker_down(
     assert worker.nodename in tasker.ping(timeout=2.0)
     good = tasker.send_scan(**scan_fields(netns_lab.services, "80"))
     wait_until(lambda: status(redis_server, good).get("state") == "completed", what="next task")
+
+
+def test_the_same_instance_twice_refuses_to_start(tasker, worker_factory) -> None:
+    first = worker_factory("1").start()
+    # By hand beside the unit: same state dir. It would kill the first one's nmap as an orphan.
+    again = worker_factory("1b", STATE_DIR=str(first.state_dir), NODE_NAME="worker1").start(wait_ready=False)
+    assert again.proc is not None and again.proc.wait(30) == 2
+    assert "STATE_DIR" in again.log() and "in use by another falcoria-worker run" in again.log()
+    # A cloned host: same NODE_NAME@HOSTNAME, another machine (state dir). It would steal the leases.
+    clone = worker_factory("1c", NODE_NAME="worker1").start(wait_ready=False)
+    assert clone.proc is not None and clone.proc.wait(30) == 2
+    assert "HOSTNAME" in clone.log() and f"node {first.nodename} is already run by" in clone.log()
+    assert first.alive()
+    assert first.nodename in tasker.ping(timeout=2.0)
