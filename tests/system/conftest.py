@@ -1,21 +1,24 @@
 """Fixtures of the system layer: a booted Debian container (harness.py), the .deb, and Redis and
 RabbitMQ on the host's bridge address where the container can reach them.
 
-    system_container  (session)  harness.Container, booted once; skipped without root or nspawn
-    falcoria_deb      (session)  path of the .deb: $FALCORIA_WORKER_DEB, else built once by
-                                 scripts/build-deb --dist harness.SUITE
+    suite             (session)  the Debian release, one of PACKAGE_SUITES (parametrises what uses it)
+    system_container  (session)  harness.Container of that release, booted once per release; skipped
+                                 without root or nspawn
+    package_deb       (session)  the .deb for that release (deb_for)
+    falcoria_deb      (session)  the .deb for Debian 12 (harness.SUITE), for tests that boot their own
     bridge_services   (session)  (RedisServer, RabbitMQ) bound to 127.0.0.1 and the bridge address
 
-The release is Debian 12 (bookworm) unless FALCORIA_SYSTEST_DIST=trixie selects Debian 13: one release
-per session, because the sessions of a machine are serialised and a second release costs only a few
-minutes as a separate run (CI runs both).
+The package scenario runs on Debian 12 (bookworm) and Debian 13 (trixie), one release after the other;
+the second costs about a minute with warm caches. FALCORIA_SYSTEST_DISTS (space or comma separated)
+narrows it, e.g. FALCORIA_SYSTEST_DISTS=bookworm.
 
 The times of the expensive steps (TIMINGS, seconds) and other measurements (FACTS, unit in the name) are
-printed at the end of the run.
+printed at the end of the run, those of releases other than bookworm in their own section.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -29,36 +32,70 @@ from tests.system import harness
 
 TIMINGS: dict[str, float] = {}
 FACTS: dict[str, float] = {}
+# (timings, facts) of each release; bookworm's are TIMINGS and FACTS themselves.
+REPORTS: dict[str, tuple[dict[str, float], dict[str, float]]] = {harness.SUITE: (TIMINGS, FACTS)}
+
+PACKAGE_SUITES = tuple(
+    os.environ.get("FALCORIA_SYSTEST_DISTS", " ".join(harness.SUITES)).replace(",", " ").split()
+)
+_unknown = set(PACKAGE_SUITES) - set(harness.SUITES)
+if _unknown or not PACKAGE_SUITES:
+    raise pytest.UsageError(f"FALCORIA_SYSTEST_DISTS: choose from {', '.join(harness.SUITES)}")
 
 
-@pytest.fixture(scope="session")
-def system_container() -> Iterator[harness.Container]:
-    reason = harness.missing_prerequisite()
-    if reason:
-        pytest.skip(reason)
-    with harness.session_lock(), harness.booted(timings=TIMINGS) as container:
-        yield container
+def report(suite: str) -> tuple[dict[str, float], dict[str, float]]:
+    """(timings, facts) where measurements of a test in `suite` belong."""
+    return REPORTS.setdefault(suite, ({}, {}))
 
 
-@pytest.fixture(scope="session")
-def falcoria_deb() -> Path:
-    given = os.environ.get("FALCORIA_WORKER_DEB")
+@functools.cache
+def deb_for(suite: str) -> Path:
+    """The .deb for `suite`: $FALCORIA_WORKER_DEB (bookworm) or $FALCORIA_WORKER_DEB_TRIXIE, else built once
+    by scripts/build-deb --dist (a release other than the host's builds in its own cached build root)."""
+    variable = "FALCORIA_WORKER_DEB" if suite == harness.SUITE else f"FALCORIA_WORKER_DEB_{suite.upper()}"
+    given = os.environ.get(variable)
     if given:
         return Path(given)
+    timings, facts = report(suite)
     started = time.monotonic()
     proc = subprocess.run(
-        [str(harness.REPO / "scripts/build-deb"), "--dist", harness.SUITE],
+        [str(harness.REPO / "scripts/build-deb"), "--dist", suite],
         capture_output=True,
         text=True,
         timeout=900,
         check=False,
     )
     if proc.returncode != 0:
-        pytest.fail(f"scripts/build-deb failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    TIMINGS["deb build + lintian"] = time.monotonic() - started
+        pytest.fail(f"scripts/build-deb --dist {suite} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    timings["deb build + lintian"] = time.monotonic() - started
     deb = Path(proc.stdout.strip().splitlines()[-1])
-    FACTS["deb size (MB)"] = deb.stat().st_size / 1e6
+    facts["deb size (MB)"] = deb.stat().st_size / 1e6
     return deb
+
+
+@pytest.fixture(scope="session", params=PACKAGE_SUITES)
+def suite(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def system_container(suite: str) -> Iterator[harness.Container]:
+    reason = harness.missing_prerequisite()
+    if reason:
+        pytest.skip(reason)
+    # Per release: pytest finishes one release's container (and the lock) before it boots the next.
+    with harness.session_lock(), harness.booted(timings=report(suite)[0], suite=suite) as container:
+        yield container
+
+
+@pytest.fixture(scope="session")
+def package_deb(suite: str) -> Path:
+    return deb_for(suite)
+
+
+@pytest.fixture(scope="session")
+def falcoria_deb() -> Path:
+    return deb_for(harness.SUITE)
 
 
 @pytest.fixture(scope="session")
@@ -67,9 +104,13 @@ def bridge_services(
 ) -> Iterator[tuple[RedisServer, RabbitMQ]]:
     """Redis and RabbitMQ for the workers in the container; the bridge exists once the container is up."""
     bind = ("127.0.0.1", system_container.lab.host_ip)
-    redis_server = RedisServer.launch(services_run_dir, bind=bind)
+    # A directory of their own: the servers' work directories have fixed names, and every release (and
+    # test_role.py's services) launches a pair in the session's run directory.
+    run_dir = services_run_dir / f"bridge-{system_container.suite}"
+    run_dir.mkdir(mode=0o755)
+    redis_server = RedisServer.launch(run_dir, bind=bind)
     try:
-        broker = RabbitMQ.launch(services_run_dir, bind=bind)
+        broker = RabbitMQ.launch(run_dir, bind=bind)
     except BaseException:
         redis_server.stop()
         raise
@@ -81,9 +122,11 @@ def bridge_services(
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if TIMINGS or FACTS:
-        terminalreporter.section(f"system test timings ({harness.SUITE})")
-        for name, seconds in TIMINGS.items():
+    for suite, (timings, facts) in REPORTS.items():
+        if not (timings or facts):
+            continue
+        terminalreporter.section(f"system test timings ({suite})")
+        for name, seconds in timings.items():
             terminalreporter.write_line(f"{name:45} {seconds:8.2f} s")
-        for name, value in FACTS.items():
+        for name, value in facts.items():
             terminalreporter.write_line(f"{name:45} {value:8.2f}")

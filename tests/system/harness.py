@@ -16,8 +16,8 @@ The host has no systemd as PID 1 and no machined, so the container is booted wit
 read it with `journalctl -D <root>/var/log/journal`. The host keeps ip_forward=0: the namespaces reach
 each other and the host's bridge address, never the outside.
 
-SUITE is the Debian release of the container: bookworm (Debian 12), or what $FALCORIA_SYSTEST_DIST names
-(trixie: Debian 13). The .deb under test must be built for the same release (scripts/build-deb --dist).
+The container runs Debian 12 (SUITE, bookworm) unless a suite= argument names another of SUITES (trixie:
+Debian 13). The .deb installed in it must be built for the same release (scripts/build-deb --dist).
 
 One system-test session at a time per machine: names and subnet are fixed so that leftovers of a
 crashed run can be found and removed; an flock on LOCK_PATH serialises sessions.
@@ -43,9 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("FW_ROOTFS_CACHE", "/var/cache/falcoria-worker-tests"))
 LOCK_PATH = Path("/run/lock/falcoria-worker-systest.lock")
 SUITES = ("bookworm", "trixie")
-SUITE = os.environ.get("FALCORIA_SYSTEST_DIST") or SUITES[0]
-if SUITE not in SUITES:
-    raise ValueError(f"FALCORIA_SYSTEST_DIST={SUITE!r}: the system tests know {', '.join(SUITES)}")
+SUITE = SUITES[0]
 
 # Everything the container needs, pre-installed, because its private network has no way out: systemd as
 # init, nmap and the tools the tests use, the .deb's runtime dependencies (the release's python3.X,
@@ -342,6 +340,7 @@ class Container:
     workdir: Path
     machine: str = MACHINE
     timings: dict[str, float] = field(default_factory=dict)
+    suite: str = SUITE  # the release the tarball holds
     leader: int = 0
     _nspawn: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -534,17 +533,17 @@ class Container:
 
 @contextlib.contextmanager
 def booted(
-    extra_packages: Sequence[str] = (), timings: dict[str, float] | None = None
+    extra_packages: Sequence[str] = (), timings: dict[str, float] | None = None, suite: str = SUITE
 ) -> Iterator[Container]:
     """Cached rootfs -> lab network -> booted container; everything is removed again on the way out."""
     timings = {} if timings is None else timings
     started = time.monotonic()
-    tarball = rootfs_tarball(extra_packages, timings)
+    tarball = rootfs_tarball(extra_packages, timings, suite)
     if "rootfs build (cold)" not in timings:
         timings["rootfs reuse (cache hit)"] = time.monotonic() - started
     lab = Lab()
     workdir = Path(tempfile.mkdtemp(prefix="fwsys-"))
-    container = Container(tarball=tarball, lab=lab, workdir=workdir, timings=timings)
+    container = Container(tarball=tarball, lab=lab, workdir=workdir, timings=timings, suite=suite)
     try:
         lab.up()
         container.boot()

@@ -1,4 +1,4 @@
-"""The .deb in a booted Debian 12 (or 13: FALCORIA_SYSTEST_DIST=trixie, see conftest.py): install, units,
+"""The .deb in a booted Debian 12 and 13 (each test once per release, see conftest.py): install, units,
 refusal without a broker, running instances with CAP_NET_RAW only, restart through the target and on
 upgrade, journal, purge.
 
@@ -22,7 +22,7 @@ from tests.fakes.scanledger import FakeScanLedger
 from tests.support.services import RabbitMQ, RedisServer
 from tests.support.tasker import Tasker
 from tests.system import harness
-from tests.system.conftest import FACTS, TIMINGS
+from tests.system.conftest import report
 
 pytestmark = pytest.mark.system
 
@@ -33,12 +33,12 @@ DEB_INSIDE = "/root/falcoria-worker.deb"
 
 
 @pytest.fixture(scope="module")
-def box(system_container: harness.Container, falcoria_deb: Path) -> harness.Container:
+def box(system_container: harness.Container, package_deb: Path) -> harness.Container:
     """The container with the package installed from its file (no network: the deps are in the rootfs)."""
-    system_container.copy_in(falcoria_deb, DEB_INSIDE)
+    system_container.copy_in(package_deb, DEB_INSIDE)
     started = time.monotonic()
     system_container.run("apt-get", "install", "-y", DEB_INSIDE, timeout=300)
-    TIMINGS["deb install in container"] = time.monotonic() - started
+    report(system_container.suite)[0]["deb install in container"] = time.monotonic() - started
     return system_container
 
 
@@ -116,7 +116,7 @@ def test_security_gate_on_the_installed_unit(box: harness.Container) -> None:
     assert inside.returncode == 0, inside.stdout + inside.stderr
     score = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", inside.stdout)
     assert score, inside.stdout
-    FACTS["exposure of the installed unit (live, 0-10)"] = float(score[1])
+    report(box.suite)[1]["exposure of the installed unit (live, 0-10)"] = float(score[1])
     # The same gate the CI runs on the checkout, here against the container's installed tree.
     gate = subprocess.run(
         [str(harness.REPO / "scripts/security-gate"), "--root", str(box.root)],
@@ -127,8 +127,8 @@ def test_security_gate_on_the_installed_unit(box: harness.Container) -> None:
     assert gate.returncode == 0, gate.stdout + gate.stderr
 
 
-def test_version_and_check_inside(box: harness.Container, falcoria_deb: Path) -> None:
-    version = falcoria_deb.name.split("_")[1]
+def test_version_and_check_inside(box: harness.Container, package_deb: Path) -> None:
+    version = package_deb.name.split("_")[1]
     assert box.run("falcoria-worker", "--version").stdout.strip() == f"falcoria-worker {version}"
     check = box.run("falcoria-worker", "check", check=False)
     # No broker is configured yet, so some checks fail; the command itself must not crash.
@@ -190,7 +190,7 @@ def test_instances_start_ready_with_cap_net_raw_only(configured: harness.Contain
     started = time.monotonic()
     # As the man page says; Type=notify: returns once both sent READY=1.
     start = box.systemctl("enable", "--now", *INSTANCES, timeout=120)
-    TIMINGS["start @1+@2 until READY"] = time.monotonic() - started
+    report(box.suite)[0]["start @1+@2 until READY"] = time.monotonic() - started
     assert start.returncode == 0, start.stderr + box.journal(
         "-u", "falcoria-worker@*", "-n", "40", "-o", "cat"
     )
@@ -305,7 +305,7 @@ def test_watchdog_restarts_a_hung_worker(configured: harness.Container) -> None:
             if props["NRestarts"] != before["NRestarts"] and props["SubState"] == "running":
                 break
             time.sleep(0.25)
-        TIMINGS["watchdog (4 s) kill + restart until READY"] = time.monotonic() - started
+        report(box.suite)[0]["watchdog (4 s) kill + restart until READY"] = time.monotonic() - started
         assert props["SubState"] == "running" and props["MainPID"] != before["MainPID"], props
         assert "Watchdog timeout" in box.journal("-u", unit, "-o", "cat")
         # the other instance kept working throughout
@@ -333,7 +333,7 @@ def test_stopping_the_target_stops_every_instance_cleanly(configured: harness.Co
     for unit in INSTANCES:
         props = _wait_state(box, unit, {"inactive", "failed"}, timeout=35)
         assert (props["ActiveState"], props["Result"]) == ("inactive", "success"), f"{unit}: {props}"
-    TIMINGS["stop @1+@2 through the target"] = time.monotonic() - started
+    report(box.suite)[0]["stop @1+@2 through the target"] = time.monotonic() - started
     log = box.journal("-u", "falcoria-worker@*", "--since", since, "-o", "cat")
     assert "SIGKILL" not in log and "timed out" not in log, log
     box.systemctl("start", "falcoria-worker.target", timeout=120)  # enabled instances come back with it
