@@ -101,7 +101,13 @@ def _scanledger(settings: Settings) -> tuple[bool, str]:
         settings.backend_base_url, settings.worker_backend_token, ca_bundle=_ca(settings), timeout=5
     )
     ledger.health()
-    return True, f"{settings.backend_base_url} answers"
+    ledger.check_token()
+    if settings.backend_base_url.startswith("http://"):
+        return (
+            True,
+            f"{settings.backend_base_url} answers; WARNING: plain http, the token travels unencrypted",
+        )
+    return True, f"{settings.backend_base_url} answers and accepts the token"
 
 
 def _ca(settings: Settings) -> str | None:

@@ -219,6 +219,13 @@ class ScanLedger:
                     f"ScanLedger health answered {response.status_code}", status=response.status_code
                 )
 
+    def check_token(self) -> None:
+        """GET /projects, which needs a valid token (unlike /health); raises LedgerUnavailable if the
+        token is refused or ScanLedger is down."""
+        with self._request("GET", f"{self._base}/projects") as response:
+            if response.status_code != 200:
+                self._raise_for(response)
+
     def _request(self, method: str, url: str, **kwargs: object) -> requests.Response:
         try:
             return self._session.request(
@@ -255,6 +262,14 @@ class ScanLedger:
         if status == 429 or status >= 500:
             raise LedgerUnavailable(
                 f"ScanLedger answered {status}: {detail}", status=status, retry_after=_retry_after(response)
+            )
+        if status in (401, 403):
+            # The token (expired, rotated, wrong) is this worker's configuration, not the report's
+            # fault: every report would be refused alike. Keep them pending until it is fixed.
+            raise LedgerUnavailable(
+                f"ScanLedger refused the token ({status}: {detail}); fix WORKER_BACKEND_TOKEN, "
+                "reports stay pending",
+                status=status,
             )
         if 300 <= status < 400:
             detail = f"unexpected redirect to {self._scrub(response.headers.get('Location', '?'))}"

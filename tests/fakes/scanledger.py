@@ -6,8 +6,9 @@ nmap_to_internal.py (every attribute read with `attrib[...]` or converted with `
 the verified facts of contract §5.2a. The fake refuses everything the real server refuses, with the same
 status code; it must never be more lenient, or our tests would pass against reports production rejects.
 
-`FakeScanLedger` serves GET /health and POST /projects/{id}/ips/import on 127.0.0.1 (HTTP, or HTTPS with
-`tls=`): bearer tokens checked by sha256 hash, admin vs member access, 401/404/413/422/500 as in §5.1-5.2.
+`FakeScanLedger` serves GET /health, GET /projects and POST /projects/{id}/ips/import on 127.0.0.1 (HTTP,
+or HTTPS with `tls=`): bearer tokens checked by sha256 hash, admin vs member access, 401/404/413/422/500
+as in §5.1-5.2.
 It records accepted uploads and rejected requests, and injects faults: fail_next(), fail_for(), delay(),
 refuse()/resume() (the listening socket closed, then reopened on the same port).
 The `scanledger` pytest fixture yields a started fake with an admin `token` and a `project`.
@@ -642,6 +643,13 @@ class FakeScanLedger:
             if method != "GET":
                 raise _Answer(405, "Method Not Allowed", "method not allowed")
             return 200, {"status": "success"}
+        if path == "/projects" and method == "GET":
+            # Projects linked to the caller only (contract §5.3: the tasker and admin users see []).
+            user = self._authenticate(headers.get("Authorization"))
+            return 200, [
+                {"id": project, "project_name": project[:8], "comment": None, "users": []}
+                for project in sorted(user.projects)
+            ]
         match = _IMPORT_PATH.fullmatch(path)
         if match is None:
             raise _Answer(404, "Not Found", f"no route {path}")

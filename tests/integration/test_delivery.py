@@ -147,9 +147,9 @@ def test_connections_refused_then_exactly_one_upload(h: Harness) -> None:
     assert h.spool.pending() == []
 
 
-@pytest.mark.parametrize(("status", "how"), [(401, "token"), (404, "project"), (422, "mode")])
+@pytest.mark.parametrize(("status", "how"), [(404, "project"), (422, "mode")])
 def test_permanent_refusal_moves_to_failed_and_is_not_retried(h: Harness, status: int, how: str) -> None:
-    token = "not-the-token" if how == "token" else None
+    token = None
     project = "0b9f7a8e-0000-4000-8000-000000000000" if how == "project" else h.fake.project
     mode = "merge" if how == "mode" else "insert"
     deliverer = h.start(h.ledger(token))
@@ -167,6 +167,19 @@ def test_permanent_refusal_moves_to_failed_and_is_not_retried(h: Harness, status
     assert h.results.next()[:2] == ("task-2", reason)
     assert [r.status for r in h.fake.rejections] == [status, status]
     assert h.fake.uploads == []
+
+
+def test_a_refused_token_keeps_every_report_pending(h: Harness) -> None:
+    """An expired or rotated token is the worker's configuration, not the reports' fault: nothing is
+    failed, everything waits (with backoff) for the token to be fixed."""
+    h.put("task-1")
+    h.put("task-2")
+    h.start(h.ledger("not-the-token"))
+    h.fake.wait_for(lambda f: len(f.rejections) >= 3, timeout=WAIT)
+    assert {r.status for r in h.fake.rejections} == {401}
+    assert [e.task_id for e in h.spool.pending()] == ["task-1", "task-2"]
+    assert not h.spool.failed_dir.exists() or list(h.spool.failed_dir.iterdir()) == []
+    assert h.results.empty()
 
 
 def test_a_report_scanledger_chokes_on_does_not_block_the_others(h: Harness) -> None:
