@@ -132,14 +132,15 @@ def _between(probe: _Probe) -> Sample:
         os.close(fd)
     # A phase 2 that started anyway is caught here; its exit is timed from the cancel as well.
     exited = None
+    # The PID hash may still name phase 1's nmap (its clear races the cancel): only a phase-2 one counts.
     pid = probe.r.hget(probe.pid_hash, task.task_id)
-    if pid is not None:
-        try:
+    try:
+        if pid is not None and b"phase2.xml" in Path(f"/proc/{pid}/cmdline").read_bytes():
             fd2 = os.pidfd_open(int(pid))
             exited = _exit_after(fd2, since)
             os.close(fd2)
-        except OSError:
-            exited = time.time() - since  # already gone: an upper bound
+    except OSError:
+        pass  # gone before we looked: nothing left to time
     clean = probe.wait_clean(task, since)
     probe.wait_terminal(task)
     error = probe.status(task).get("error", "")
