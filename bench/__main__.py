@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     names = args.names or list(BENCHMARKS)
     signal.signal(signal.SIGTERM, _stop)
-    print(header(), flush=True)
+    head = header()
+    print(head, flush=True)
     results: list[Result] = []
     failed = 0
     with Lab(quick=args.quick) as lab:
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             lab.reset()
     if not args.no_record:
-        append(results)
+        append(results, head)
         print("appended to docs/benchmarks.md")
     return 1 if failed else 0
 

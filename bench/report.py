@@ -114,11 +114,12 @@ def header() -> str:
     )
 
 
-def append(results: Sequence[Result]) -> None:
-    """Append one dated section with every result of this run to docs/benchmarks.md."""
+def append(results: Sequence[Result], head: str) -> None:
+    """Append one section with every result of this run to docs/benchmarks.md, under `head` (header()
+    taken when the run started: the commit measured, not whatever HEAD is by the end)."""
     if not RESULTS.exists():
         RESULTS.write_text(INTRO)
-    text = "\n" + header() + "\n" + "\n".join(r.markdown() for r in results)
+    text = "\n" + head + "\n" + "\n".join(r.markdown() for r in results)
     with RESULTS.open("a", encoding="utf-8") as out:
         out.write(text)
 
