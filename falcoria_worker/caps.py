@@ -42,8 +42,11 @@ def raw_sockets() -> RawSockets:
     return classify(os.geteuid(), cap_eff(status))
 
 
-def needs_privileged_flag() -> bool:
-    return raw_sockets() is RawSockets.CAP_NET_RAW
+def needs_privileged_flag(state: RawSockets | None = None) -> bool:
+    """nmap assumes no raw sockets unless it is root or told `--privileged`: with CAP_NET_RAW alone it
+    must be told, or it silently falls back to a connect scan. Judges this process unless `state` is
+    given."""
+    return (raw_sockets() if state is None else state) is RawSockets.CAP_NET_RAW
 
 
 _DESCRIPTIONS = {

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from falcoria_worker import caps
-from falcoria_worker.config import Settings, broker_url
+from falcoria_worker.config import Settings, broker_url, ca_bundle
 
 Check = tuple[bool, str, str]
 
@@ -98,7 +98,7 @@ def _scanledger(settings: Settings) -> tuple[bool, str]:
     from falcoria_worker.ledger import ScanLedger
 
     ledger = ScanLedger(
-        settings.backend_base_url, settings.worker_backend_token, ca_bundle=_ca(settings), timeout=5
+        settings.backend_base_url, settings.worker_backend_token, ca_bundle=ca_bundle(settings), timeout=5
     )
     ledger.health()
     ledger.check_token()
@@ -108,7 +108,3 @@ def _scanledger(settings: Settings) -> tuple[bool, str]:
             f"{settings.backend_base_url} answers; WARNING: plain http, the token travels unencrypted",
         )
     return True, f"{settings.backend_base_url} answers and accepts the token"
-
-
-def _ca(settings: Settings) -> str | None:
-    return str(settings.scanledger_ca_bundle) if settings.scanledger_ca_bundle else None

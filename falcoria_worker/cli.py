@@ -13,8 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from falcoria_worker import __version__, caps
-from falcoria_worker.checks import _ca
-from falcoria_worker.config import Settings, secret_values
+from falcoria_worker.config import Settings, ca_bundle, secret_values
 from falcoria_worker.errors import Cancelled, ConfigError, Rejected, ScanFailed, WorkerError
 from falcoria_worker.model import Phase, parse_task
 from falcoria_worker.pipeline import Engine
@@ -298,7 +297,7 @@ def _upload(settings: Settings, project: str, mode: str, report: Path) -> int:
     ledger = ScanLedger(
         settings.backend_base_url,
         settings.worker_backend_token,
-        ca_bundle=_ca(settings),
+        ca_bundle=ca_bundle(settings),
         timeout=settings.scanledger_timeout,
     )
     try:
@@ -378,7 +377,7 @@ def _run(_args: argparse.Namespace, settings: Settings) -> int:
         ledger = ScanLedger(
             settings.backend_base_url,
             settings.worker_backend_token,
-            ca_bundle=_ca(settings),
+            ca_bundle=ca_bundle(settings),
             timeout=settings.scanledger_timeout,
         )
         deliverer = Deliverer(

@@ -477,9 +477,9 @@ def redis_kwargs(settings: Settings) -> dict[str, object]:
     }
 
 
-def node_name(settings: Settings) -> str:
-    """Celery node name. Tasker matches the part after '@' against the Redis `worker:{hostname}` key."""
-    return f"{settings.node_name}@{settings.hostname}"
+def ca_bundle(settings: Settings) -> str | None:
+    """The CA file for ScanLedger's TLS as requests wants it; None means the system's CAs."""
+    return str(settings.scanledger_ca_bundle) if settings.scanledger_ca_bundle else None
 
 
 def shown_value(settings: Settings, key: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from falcoria_worker import argv, merge
-from falcoria_worker.caps import RawSockets
+from falcoria_worker.caps import RawSockets, needs_privileged_flag
 from falcoria_worker.errors import Cancelled, Rejected, ScanFailed, ScanInterrupted
 from falcoria_worker.model import Phase, PortRef, ScanTask
 from falcoria_worker.policy import PolicyConfig, ScanOptions, check_options
@@ -94,8 +94,7 @@ class Engine:
 
     @property
     def privileged(self) -> bool:
-        # Root needs no flag; with CAP_NET_RAW alone nmap must be told, or it assumes no raw sockets.
-        return self.raw is RawSockets.CAP_NET_RAW
+        return needs_privileged_flag(self.raw)
 
     def execute(
         self, plan: Plan, workdir: Path, cancel: threading.Event, hooks: Hooks | None = None

@@ -1,4 +1,4 @@
-"""Celery task messages on the wire (contract §1.5), decoded and encoded without Celery or kombu.
+"""Celery task messages on the wire (contract §1.5), decoded without Celery or kombu.
 
 Decoding is a trust boundary: anyone who can publish to the broker chooses the headers, the content type
 and the body. Only JSON is accepted; kombu would also unpickle `application/x-python-serialize` (code
@@ -12,7 +12,6 @@ Pure: stdlib only, no clock, no environment.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,6 @@ from falcoria_worker.errors import Rejected
 from falcoria_worker.model import valid_task_id
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a real scan message is a few KiB; open_ports_str is capped at 64 KiB
-REPR_MAX = 1024  # Celery's argsrepr_maxsize / kwargsrepr_maxsize
 
 _JSON_TYPES = frozenset({"application/json"})
 _UTF8_NAMES = frozenset({"utf-8", "utf8"})
@@ -141,66 +139,3 @@ def _kwargs(value: object) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise Rejected(f"task kwargs must be an object, got {type(value).__name__}", field="kwargs")
     return value
-
-
-# --- encoding -------------------------------------------------------------------------------------------
-
-
-def _typed(value: object) -> object:
-    # kombu's JSON form of a UUID, which is how Tasker's model_dump() puts project and user.id on the wire.
-    if isinstance(value, uuid.UUID):
-        return {"__type__": "uuid", "__value__": {"hex": value.hex}}
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def encode_task_message(
-    name: str,
-    task_id: str,
-    args: list[Any] | tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    *,
-    origin: str = "falcoria-worker",
-    reply_to: str = "",
-) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
-    """(body, headers, properties) of a protocol-2 message as Celery's send_task builds it (contract §1.5;
-    Celery 5.7 adds `shadow` and `group_index`, both null). uuid.UUID values become kombu's typed form."""
-    args = list(args)
-    kwargs = dict(kwargs)
-    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-    # kombu's json.dumps keeps json's default separators and ensure_ascii; so do we.
-    body = json.dumps([args, kwargs, embed], default=_typed).encode("utf-8")
-    headers: dict[str, Any] = {
-        "lang": "py",
-        "task": name,
-        "id": task_id,
-        "shadow": None,
-        "eta": None,
-        "expires": None,
-        "group": None,
-        "group_index": None,
-        "retries": 0,
-        "timelimit": [None, None],
-        "root_id": task_id,
-        "parent_id": None,
-        "argsrepr": _short_repr(args),
-        "kwargsrepr": _short_repr(kwargs),
-        "origin": origin,
-        "ignore_result": False,
-        "replaced_task_nesting": 0,
-        "stamped_headers": None,
-        "stamps": {},
-    }
-    properties: dict[str, Any] = {
-        "correlation_id": task_id,
-        "reply_to": reply_to,
-        "content_type": "application/json",
-        "content_encoding": "utf-8",
-        "delivery_mode": 2,
-        "priority": 0,
-    }
-    return body, headers, properties
-
-
-def _short_repr(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= REPR_MAX else text[: REPR_MAX - 3] + "..."

@@ -41,8 +41,8 @@ from falcoria_worker import broker, protocol, runner
 from falcoria_worker.broker import RawMessage
 from falcoria_worker.config import Settings
 from falcoria_worker.errors import Cancelled, ConfigError, Rejected, ScanFailed, ScanInterrupted
-from falcoria_worker.logs import task_context
-from falcoria_worker.model import Phase, ScanTask, TaskState, parse_cancel, parse_task
+from falcoria_worker.logs import set_phase, task_context
+from falcoria_worker.model import Phase, ScanTask, TaskState, parse_cancel, parse_task, valid_task_id
 from falcoria_worker.netaddr import default_route_source_ip, echo_ip
 from falcoria_worker.pipeline import Engine, Plan
 from falcoria_worker.runner import NmapProcess
@@ -60,6 +60,7 @@ LOOP_TIMEOUT = 0.02  # seconds drain_events may block: how late the loop notices
 PROGRESS_WRITE_INTERVAL = 1.0
 METADATA_GRACE = 3.0  # seconds to wait for Tasker's tracking keys, written right after it publishes
 REPUBLISH_GRACE = 3600.0  # a re-published task nobody claimed by then is re-published again
+LATE_CLEANUP = 60.0  # seconds after which a rejected task whose tracking came late is cleaned again
 TERMINAL_STATES = frozenset({TaskState.COMPLETED.value, TaskState.FAILED.value, TaskState.CANCELLED.value})
 REVOKED_MEMORY = 10_000  # revoked ids kept in memory (Celery keeps 50,000; Redis holds them too)
 
@@ -488,7 +489,7 @@ class Worker:
             task_id = str((message.headers or {}).get("id") or "")[:64]
             with task_context(task_id=task_id or None):
                 log.error("rejected an undecodable message: %s", exc.reason)
-            if task_id and protocol_id_ok(task_id):
+            if task_id and valid_task_id(task_id):
                 self.state.set_status(task_id, TaskState.FAILED, error=f"rejected: {exc.reason}")
             return None
         task_id = decoded.task_id
@@ -553,24 +554,35 @@ class Worker:
             return "revoked before it started"
         return None
 
-    def _await_tracking(self, task_id: str, task: ScanTask | None = None) -> None:
+    def _await_tracking(self, task_id: str, task: ScanTask | None = None) -> bool:
         """Tasker takes its lock, publishes, and only then writes the metadata and the task sets, so a
         quick worker can get here first. Wait briefly for them, so that our cleanup never runs before
         Tasker's writes (which would leave Tasker counting the task forever). No wait when Tasker has
-        clearly stopped the task (metadata and lock both gone) or the publisher is not Tasker."""
+        clearly stopped the task (metadata and lock both gone) or the publisher is not Tasker. False when
+        the grace ran out without either."""
         deadline = time.monotonic() + METADATA_GRACE
         while time.monotonic() < deadline:
             if self.state.metadata_exists(task_id):
-                return
+                return True
             if task is not None and self.state.tasker_stopped(task_id, task):
-                return
+                return True  # nothing more will come: Tasker's stop removed its keys
             # Without a parsed task there is no lock to look at: only the metadata can end the wait.
             time.sleep(0.005 if task is not None else 0.05)
+        return False
+
+    def _clean_again_later(self, clean: Callable[[], None]) -> None:
+        """Tasker tracks a big batch's tasks only after publishing all of them, which can take longer
+        than the grace: a task rejected meanwhile is cleaned once more when that has surely happened,
+        or Tasker's SADDs land after our SREMs and it counts the task forever."""
+        timer = threading.Timer(LATE_CLEANUP, _logged(clean))
+        timer.daemon = True
+        timer.start()
 
     def _clean_rejected(self, task_id: str, data: object) -> None:
         with task_context(task_id=task_id):
             try:
-                self._await_tracking(task_id)
+                if not self._await_tracking(task_id):
+                    self._clean_again_later(lambda: self.state.cleanup_partial(task_id, data))
                 self.state.cleanup_partial(task_id, data)
             except redis.RedisError as exc:
                 log.warning("cleanup of a rejected task failed: %s", exc)
@@ -578,7 +590,9 @@ class Worker:
     def _finish_rejected(self, task_id: str, task: ScanTask, reason: str) -> None:
         with task_context(task_id=task_id, project_id=task.project, target=task.ip):
             try:
-                self._await_tracking(task_id, task)
+                if not self._await_tracking(task_id, task):
+                    # The first cleanup removes the lock; a rescan may hold a new one a minute later.
+                    self._clean_again_later(lambda: self.state.cleanup(task_id, task, include_lock=False))
                 self._finish_redis(task_id, task, TaskState.FAILED, error=reason)
             except redis.RedisError as exc:
                 log.warning("cleanup of a rejected task failed: %s", exc)
@@ -771,7 +785,7 @@ class Worker:
 
     def _pidbox_revoke(self, _state: object, task_id: str | list[str] | None = None, **_kwargs: Any) -> dict:
         ids = [task_id] if isinstance(task_id, str) else [t for t in (task_id or []) if isinstance(t, str)]
-        ids = [t for t in ids if protocol_id_ok(t)]
+        ids = [t for t in ids if valid_task_id(t)]
         self.cancel_tasks(ids, source="revoke")
         return {"ok": f"tasks {', '.join(ids)} flagged as revoked"}
 
@@ -952,12 +966,6 @@ class Worker:
             self.broker_ok = True
 
 
-def protocol_id_ok(task_id: str) -> bool:
-    from falcoria_worker.model import valid_task_id
-
-    return valid_task_id(task_id)
-
-
 class _Hooks:
     """Pipeline hooks of one task: Redis status and PID, and the loop's STATUS line."""
 
@@ -967,6 +975,7 @@ class _Hooks:
 
     def phase(self, phase: Phase, detail: str) -> None:
         self.running.phase, self.running.detail, self.running.percent = phase, detail, None
+        set_phase(phase.value)  # the PHASE= journal field of this task's later records
         self._status(TaskState(phase.value))
 
     def progress(self, phase: Phase, percent: float) -> None:

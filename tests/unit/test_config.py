@@ -211,10 +211,14 @@ def test_instance_derives_node_name_and_state_dir() -> None:
     s = parsed(INSTANCE="scan-2")
     assert s.node_name == "workerscan-2"
     assert s.state_dir == Path("/var/lib/falcoria-worker/scan-2")
-    assert config.node_name(s) == "workerscan-2@scanner1"
     s = parsed(INSTANCE="3", NODE_NAME="nmap", STATE_DIR="/srv/fw")
-    assert config.node_name(s) == "nmap@scanner1"
+    assert s.node_name == "nmap"
     assert s.state_dir == Path("/srv/fw")
+
+
+def test_ca_bundle_is_a_path_text_or_none() -> None:
+    assert config.ca_bundle(parsed()) is None
+    assert config.ca_bundle(parsed(SCANLEDGER_CA_BUNDLE="/etc/ssl/ledger.pem")) == "/etc/ssl/ledger.pem"
 
 
 def test_hostname_is_required() -> None:
