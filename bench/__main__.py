@@ -47,14 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     print(head, flush=True)
     results: list[Result] = []
     failed = 0
-    with Lab(quick=args.quick) as lab:
+    with Lab() as lab:
         for name in names:
             try:
                 result = BENCHMARKS[name](lab, args.quick)
             except Exception:
                 failed += 1
                 traceback.print_exc()
-                result = Result(name, f"{name}: FAILED", args.quick, notes=[traceback.format_exc(limit=3)])
+                result = Result(
+                    name,
+                    f"{name}: FAILED",
+                    args.quick,
+                    notes=[traceback.format_exc(limit=1).strip().splitlines()[-1]],
+                )
             print(result.terminal(), "\n", flush=True)
             results.append(result)
             lab.reset()

@@ -54,7 +54,6 @@ class Targets:
 
 @dataclass
 class Lab:
-    quick: bool = False
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="falcoria-bench-")))
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     hostname: str = field(default_factory=lambda: f"fwbench-{secrets.token_hex(3)}")
@@ -185,9 +184,6 @@ class Lab:
         found = find()
         assert found is not None
         return found
-
-    def wait_uploads(self, count: int, timeout: float) -> None:
-        self.ledger.wait_for(lambda f: len(f.uploads) >= count, timeout=timeout)
 
 
 def _ports_str(ports_opts: str) -> str:
