@@ -266,5 +266,7 @@ def setup_logging(
     # Library chatter (every AMQP frame, every HTTP connection) only when asked for with DEBUG.
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if level == "DEBUG" else logging.WARNING)
+    # The run loop checks AMQP heartbeats dozens of times a second; py-amqp logs each check at DEBUG.
+    logging.getLogger("amqp.connection.Connection.heartbeat_tick").setLevel(logging.INFO)
     # Python warnings (urllib3's, deprecations) go through the same handlers instead of raw stderr.
     logging.captureWarnings(True)
