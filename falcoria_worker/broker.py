@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -68,7 +69,9 @@ class RawMessage:
 
 def connect(settings: Settings, *, heartbeat: int = 30) -> Connection:
     """A connected broker connection; raises kombu's OperationalError when the broker is unreachable."""
-    conn = Connection(broker_url(settings), heartbeat=heartbeat, connect_timeout=5)
+    # amqps: certificate and host name verified against the system's CAs.
+    tls = ssl.create_default_context() if settings.rabbitmq_ssl else False
+    conn = Connection(broker_url(settings), heartbeat=heartbeat, connect_timeout=5, ssl=tls)
     conn.ensure_connection(max_retries=1)
     return conn
 

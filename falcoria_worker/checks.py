@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from falcoria_worker import caps
-from falcoria_worker.config import Settings, broker_url, ca_bundle
+from falcoria_worker.config import Settings, ca_bundle
 
 Check = tuple[bool, str, str]
 
@@ -73,11 +73,11 @@ def _redis(settings: Settings) -> tuple[bool, str]:
 
 def _rabbitmq(settings: Settings) -> tuple[bool, str]:
     from amqp.exceptions import NotFound
-    from kombu import Connection
+
+    from falcoria_worker import broker
 
     where = f"{settings.rabbitmq_host}:{settings.rabbitmq_port} vhost {settings.rabbitmq_vhost}"
-    with Connection(broker_url(settings), connect_timeout=3) as conn:
-        conn.ensure_connection(max_retries=1)
+    with broker.connect(settings) as conn:
         try:
             # passive: a health check must not create Tasker's queue
             _name, messages, consumers = conn.channel().queue_declare(

@@ -38,6 +38,7 @@ class Settings:
     rabbitmq_user: str
     rabbitmq_password: str = field(repr=False)
     rabbitmq_vhost: str
+    rabbitmq_ssl: bool
     exchange_name: str
     exchange_type: str
     nmap_scan_queue_name: str
@@ -49,6 +50,7 @@ class Settings:
     redis_port: int
     redis_db: int
     redis_pass: str = field(repr=False)
+    redis_ssl: bool
     # ScanLedger.
     backend_base_url: str | None
     worker_backend_token: str = field(repr=False)
@@ -350,6 +352,7 @@ _KEYS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "RABBITMQ_USER": ("guest", _required_text),
     "RABBITMQ_PASSWORD": ("", _printable),
     "RABBITMQ_VHOST": ("/", _printable),
+    "RABBITMQ_SSL": ("false", _bool),
     "EXCHANGE_NAME": ("nmap_exchange", _amqp_name),
     "EXCHANGE_TYPE": ("topic", _exchange_type),
     "NMAP_SCAN_QUEUE_NAME": ("nmap_scan_queue", _amqp_name),
@@ -361,6 +364,7 @@ _KEYS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     # No upper bound: Redis's `databases` setting is configurable (16 is only its default).
     "REDIS_DB": ("3", _int_between(0, None)),
     "REDIS_PASS": ("", _printable),
+    "REDIS_SSL": ("false", _bool),
     "BACKEND_BASE_URL": ("", _url),
     "WORKER_BACKEND_TOKEN": ("", _printable),
     "SCANLEDGER_CA_BUNDLE": ("", _optional_path),
@@ -474,6 +478,8 @@ def redis_kwargs(settings: Settings) -> dict[str, object]:
         "port": settings.redis_port,
         "db": settings.redis_db,
         "password": settings.redis_pass or None,
+        # rediss: certificate and host name verified against the system's CAs (redis-py's default)
+        "ssl": settings.redis_ssl,
     }
 
 

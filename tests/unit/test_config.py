@@ -307,8 +307,17 @@ def test_redis_kwargs() -> None:
         "port": 6380,
         "db": 5,
         "password": "pw",
+        "ssl": False,
     }
     assert config.redis_kwargs(parsed())["password"] is None
+    assert config.redis_kwargs(parsed(REDIS_SSL="true"))["ssl"] is True
+
+
+def test_tls_to_the_broker_is_a_checked_bool() -> None:
+    assert parsed(RABBITMQ_SSL="yes").rabbitmq_ssl is True
+    assert parsed().rabbitmq_ssl is False
+    with pytest.raises(ConfigError, match="RABBITMQ_SSL"):
+        parsed(RABBITMQ_SSL="maybe")
 
 
 def test_shown_value_masks_secrets_and_renders_types() -> None:
