@@ -18,6 +18,7 @@ from tests.reliability.kit import (
     Run,
     leaked_keys,
     nmap_tasks_of,
+    paced_scan,
     seeded_random,
     wait_clean,
     wait_served,
@@ -28,12 +29,6 @@ pytestmark = pytest.mark.reliability
 
 TASKS = 20
 FAULTS = 10  # five of each kind
-
-
-def paced_scan(target) -> dict[str, Any]:
-    """About 3 s of phase 1 (30 probes 100 ms apart), then a short phase 2 on the banner ports: long
-    enough that a random moment lands inside either phase."""
-    return scan_fields(target, "1-30", open_ports_opts="-n -Pn --max-retries 1 --scan-delay 100ms -p 1-30")
 
 
 def test_sigkill_main_and_scan_process_at_random_moments(
@@ -79,6 +74,8 @@ def test_sigkill_main_and_scan_process_at_random_moments(
     assert figures.lost == 0 and figures.duplicated == 0, run.uploads_per_task()
     assert figures.parallel_runs == 0, watch.parallel
     assert leaked_keys(tasker, redis_server.client()) == []
-    wait_served(tasker, [w.nodename for w in workers], redis_server, scan_fields(netns_lab.services, "80"))
+    wait_served(
+        tasker, [w.nodename for w in workers], redis_server, scan_fields(netns_lab.services, "80"), scanledger
+    )
     for worker in workers:
         assert "Traceback" not in worker.log()

@@ -56,4 +56,6 @@ def test_scanledger_503_then_refused_for_60_s_with_a_restart_in_the_middle(
     assert figures.parallel_runs == 0, watch.parallel
     assert leaked_keys(tasker, redis_server.client()) == []
     assert all(not list((w.state_dir / "spool").rglob("*.xml")) for w in workers)
-    wait_served(tasker, [w.nodename for w in workers], redis_server, scan_fields(netns_lab.services, "80"))
+    wait_served(
+        tasker, [w.nodename for w in workers], redis_server, scan_fields(netns_lab.services, "80"), scanledger
+    )
