@@ -97,7 +97,8 @@ def run(lab: Lab, quick: bool) -> Result:
         sum(c.text.upper().startswith("EXISTS") and ":metadata:" in c.text for c in cs) > 1 for cs in about
     )
     result.notes.append(
-        f"Redis commands naming the task (MULTI bodies counted one by one), per task (median): {median([float(len(cs)) for cs in about]):.0f}; "
+        f"Redis commands naming the task (MULTI bodies counted one by one), per task (median): "
+        f"{median([float(len(cs)) for cs in about]):.0f}; "
         f"{waited} of {count} tasks polled Tasker's metadata more than once (50 ms sleep each)"
     )
     result.notes.append(
