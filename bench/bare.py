@@ -77,7 +77,7 @@ def run_bare(ip: str, ports_opts: str, service_opts: str = "-sV -Pn", *, service
                 task, opts1, nmap="nmap", privileged=False, xml_path=str(p1), stats_every=STATS_EVERY
             )
         )
-        ports = merge.open_ports(p1, ip)
+        ports = merge.phase1_ports(p1, ip) or []
         if not ports or not services:
             return BareRun(t1, 0.0, len(ports))
         opts2 = check_options(service_opts, Phase.SERVICES)

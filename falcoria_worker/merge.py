@@ -72,30 +72,26 @@ class _Phase2Unordered(Exception):
 # Public functions
 
 
-def open_ports(xml_path: Path, target_ip: str) -> list[PortRef]:
-    """Ports of the target host that phase 2 should probe: `open`, and for UDP also `open|filtered`
-    (a UDP service that ignores nmap's probe looks like that, and -sV can still identify it)."""
+def phase1_ports(xml_path: Path, target_ip: str) -> list[PortRef] | None:
+    """One pass over phase 1: the target's ports phase 2 should probe (`open`, and for UDP also
+    `open|filtered`: a UDP service that ignores nmap's probe looks like that, and -sV can still
+    identify it), or None when nmap reported no host at all. Reads the whole file, so a truncated one
+    raises ScanFailed; one pass, because the time between the phases is time a cancel waits."""
     target = _norm_ip(target_ip)
     found: list[PortRef] = []
+    any_host = False
     matched: bool | None = None
     for depth, event, elem in _walk(xml_path, "phase 1"):
         if event == "start" and depth == 2:
             matched = None
+            any_host = any_host or elem.tag == "host"
         elif event == "end" and depth == 3 and elem.tag == "address" and matched is None:
             matched = _norm_ip(elem.get("addr", "")) == target
         elif event == "end" and depth == 4 and elem.tag == "port" and matched and _is_open(elem):
             key = _port_key(elem)
             if key is not None:
                 found.append(key)
-    return found
-
-
-def host_found(xml_path: Path) -> bool:
-    """True if the report has any <host>. Reads the whole file so a truncated one raises ScanFailed."""
-    found = False
-    for depth, event, elem in _walk(xml_path, "phase 1"):
-        found = found or (depth == 2 and event == "start" and elem.tag == "host")
-    return found
+    return found if any_host else None
 
 
 def merge_reports(

@@ -131,15 +131,18 @@ class Engine:
         _raise_if_killed(run1, "open-ports scan")
         if run1.returncode != 0:
             raise ScanFailed(f"nmap exited with {run1.returncode} in the open-ports scan: {run1.stderr_tail}")
-        if not merge.host_found(phase1_xml):
+        # A cancel that arrived after nmap finished phase 1 is honoured here (upstream started phase 2),
+        # and before phase 1 is read: at 65,535 ports that takes a while.
+        if cancel.is_set():
+            raise Cancelled("cancelled between the two phases")
+        found = merge.phase1_ports(phase1_xml, task.ip)
+        if found is None:
             return Outcome(
                 None, (), ("nmap reported no host (down or filtered); nothing to import",), durations
             )
-
-        ports = tuple(merge.open_ports(phase1_xml, task.ip))
+        ports = tuple(found)
         notes: list[str] = []
         phase2_xml: Path | None = None
-        # A cancel that arrived after nmap finished phase 1 is honoured here (upstream started phase 2).
         if cancel.is_set():
             raise Cancelled("cancelled between the two phases")
         if task.include_services and ports:

@@ -28,7 +28,7 @@ from .errors import ScanFailed
 # How often the wait loop checks the cancel Event, the deadline and the stdout file. Exit of nmap
 # and NmapProcess.cancel() do not wait for it: the first wakes the loop via a pidfd, the second
 # signals from the caller's thread.
-POLL_INTERVAL = 0.02
+POLL_INTERVAL = 0.1
 STDERR_TAIL_BYTES = 2048
 # A stdout "line" longer than this is not a progress line; dropping it bounds memory.
 MAX_LINE = 64 * 1024

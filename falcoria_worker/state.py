@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import redis
+from redis.backoff import ConstantBackoff
+from redis.retry import Retry
 
 from falcoria_worker import keys
 from falcoria_worker.config import Settings, redis_kwargs
@@ -130,13 +132,18 @@ return 0
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    """The worker's Redis client: text replies, and timeouts so that a dead Redis cannot hang the loop."""
+    """The worker's Redis client: text replies, and timeouts so that a dead Redis cannot hang the loop.
+
+    One quick retry only: redis-py's default (three, with backoff) makes every call of an unreachable
+    Redis take seconds, and the run loop and the scan threads have better things to do meanwhile; the
+    worker itself decides when to try again."""
     return redis.Redis(
         **redis_kwargs(settings),  # type: ignore[arg-type]
         decode_responses=True,
-        socket_timeout=10,
-        socket_connect_timeout=5,
+        socket_timeout=5,
+        socket_connect_timeout=2,
         health_check_interval=30,
+        retry=Retry(ConstantBackoff(0.05), 1),
     )
 
 

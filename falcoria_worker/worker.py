@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import heapq
+import itertools
 import logging
 import os
 import queue
@@ -56,11 +58,12 @@ SCAN_TASK = "project.nmap.scan"
 CANCEL_TASK = "project.nmap.cancel"
 UPDATE_IP_TASK = "worker.update_ip"
 
-LOOP_TIMEOUT = 0.02  # seconds drain_events may block: how late the loop notices a free slot or a stop
+LOOP_TIMEOUT = 0.05  # s drain_events may block: how late a freed slot or a stop is seen (idle: 7 ms/s)
 PROGRESS_WRITE_INTERVAL = 1.0
 METADATA_GRACE = 3.0  # seconds to wait for Tasker's tracking keys, written right after it publishes
 REPUBLISH_GRACE = 3600.0  # a re-published task nobody claimed by then is re-published again
 LATE_CLEANUP = 60.0  # seconds after which a rejected task whose tracking came late is cleaned again
+LATER_MAX = 10_000  # late cleanups kept at most (a flood of forged messages must not exhaust memory)
 TERMINAL_STATES = frozenset({TaskState.COMPLETED.value, TaskState.FAILED.value, TaskState.CANCELLED.value})
 REVOKED_MEMORY = 10_000  # revoked ids kept in memory (Celery keeps 50,000; Redis holds them too)
 
@@ -85,6 +88,7 @@ class Running:
     cancel: threading.Event = field(default_factory=threading.Event)
     shutdown: bool = False  # cancelled by our own stop: hand back instead of recording "cancelled"
     lease_lost: bool = False
+    finished: bool = False  # the scan thread is recording the end; the lease is released with it
     proc: NmapProcess | None = None
     phase: Phase | None = None
     detail: str = "starting"
@@ -177,6 +181,9 @@ class Worker:
         self._redis_backlog: list[tuple[Running, TaskEnd]] = []
         self._pending_republish: list[tuple[str, RawMessage]] = []
         self._recovered = False
+        self._later: list[tuple[float, int, Callable[[], None]]] = []
+        self._later_seq = itertools.count()
+        self._later_lock = threading.Lock()
         # Sweeping other instances' leases waits one lease period after start and after a Redis
         # outage: live instances renew within a third of it, so only the truly dead are re-queued.
         self._sweep_not_before = time.monotonic() + settings.lease_ttl
@@ -345,6 +352,7 @@ class Worker:
         now = time.monotonic()
         self._collect_events()
         self._send_handbacks()
+        self._update_consumption()  # cheap; catches a Redis outage a scan thread reported
         if not self.redis_ok and now - self._last_redis_probe >= 1.0:
             self._last_redis_probe = now
             with contextlib.suppress(redis.RedisError):
@@ -368,8 +376,16 @@ class Worker:
         self.notifier.status(self._status_text())
         self._feed_watchdog()
 
+    def redis_failed(self, exc: BaseException) -> None:
+        """Any thread that finds Redis gone says so; the loop stops taking work at its next tick and
+        STATUS tells the truth from then on (the loop's own Redis calls may be seconds away)."""
+        if self.redis_ok:
+            self.redis_ok = False
+            log.warning("Redis unavailable: %s; not taking new scans", self._describe(exc))
+
     def _redis_duties(self, now: float) -> None:
         self._flush_redis_backlog()
+        self._run_late_cleanups(now)
         lease_ttl = self.settings.lease_ttl
         if now - self._last_heartbeat >= lease_ttl / 3:
             self._last_heartbeat = now
@@ -391,7 +407,8 @@ class Worker:
         if not self.broker_ok:
             return self._outage_status("connecting")
         if not self.redis_ok:
-            return "waiting for Redis; not taking new scans"
+            busy = f"; {len(self.running)} scan(s) continue" if self.running else ""
+            return f"waiting for Redis; not taking new scans{busy}"
         if not self.running:
             return "idle"
         parts = []
@@ -573,15 +590,33 @@ class Worker:
     def _clean_again_later(self, clean: Callable[[], None]) -> None:
         """Tasker tracks a big batch's tasks only after publishing all of them, which can take longer
         than the grace: a task rejected meanwhile is cleaned once more when that has surely happened,
-        or Tasker's SADDs land after our SREMs and it counts the task forever."""
-        timer = threading.Timer(LATE_CLEANUP, _logged(clean))
-        timer.daemon = True
-        timer.start()
+        or Tasker's SADDs land after our SREMs and it counts the task forever. The loop runs these
+        (a heap, not a thread each: a flood of forged messages must not become a flood of threads)."""
+        with self._later_lock:
+            if len(self._later) >= LATER_MAX:
+                log.warning("too many late cleanups queued; dropping the oldest")
+                heapq.heappop(self._later)
+            heapq.heappush(self._later, (time.monotonic() + LATE_CLEANUP, next(self._later_seq), clean))
+
+    def _run_late_cleanups(self, now: float) -> None:
+        while True:
+            with self._later_lock:
+                if not self._later or self._later[0][0] > now:
+                    return
+                item = heapq.heappop(self._later)
+            try:
+                item[2]()
+            except redis.RedisError:
+                with self._later_lock:
+                    heapq.heappush(self._later, item)
+                raise
 
     def _clean_rejected(self, task_id: str, data: object) -> None:
         with task_context(task_id=task_id):
             try:
-                if not self._await_tracking(task_id):
+                # No waiting here: a payload we cannot parse gives no lock to tell a late Tasker from a
+                # forger who never writes metadata, and waiting held up every other rejection.
+                if not self.state.metadata_exists(task_id):
                     self._clean_again_later(lambda: self.state.cleanup_partial(task_id, data))
                 self.state.cleanup_partial(task_id, data)
             except redis.RedisError as exc:
@@ -624,6 +659,12 @@ class Worker:
             except ScanInterrupted as exc:
                 log.warning("%s; re-queueing the task", exc)
                 end.requeue, end.error = True, str(exc)
+            except redis.RedisError as exc:
+                # Not the task's fault either: run it again once Redis is back (through the lease).
+                self.redis_failed(exc)
+                end.requeue, end.error = not end.stored, f"Redis unavailable: {self._describe(exc)}"
+                if end.stored:
+                    end.state, end.error = TaskState.COMPLETED, None
             except Cancelled as exc:
                 end.state, end.error = TaskState.CANCELLED, str(exc)
                 end.keep_lock = end.keep_lock or not self._lock_is_ours(task_id)
@@ -636,6 +677,7 @@ class Worker:
                 log.exception("scan failed with an internal error")
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
+            running.finished = True  # its lease is ours to release now: no "lease lost" alarms
             try:
                 self._finalize(running, end)
             except redis.RedisError as exc:
@@ -816,13 +858,13 @@ class Worker:
     # ------------------------------------------------------------------ leases and recovery
 
     def _heartbeat_leases(self) -> None:
-        ids = [r.task_id for r in self.running.values() if not r.lease_lost]
+        ids = [r.task_id for r in self.running.values() if not (r.lease_lost or r.finished)]
         if not ids:
             return
         lost = self.state.heartbeat(ids, self.owner, self.settings.lease_ttl)
         for task_id in lost:
             running = self.running.get(task_id)
-            if running is not None:
+            if running is not None and not running.finished:
                 # Another worker took the task over (we were frozen past the lease): stop ours.
                 running.lease_lost = True
                 running.cancel.set()
@@ -989,24 +1031,26 @@ class _Hooks:
         self.running.proc = proc
         if self.running.cancel.is_set():
             proc.cancel()  # a cancel that raced the start
-        try:
-            self.worker.state.set_pid(self.running.task_id, proc.pid)
-        except redis.RedisError as exc:
-            log.debug("PID not recorded: %s", exc)
+        self._write(lambda: self.worker.state.set_pid(self.running.task_id, proc.pid))
 
     def nmap_finished(self, phase: Phase) -> None:
         self.running.proc = None
-        try:
-            self.worker.state.clear_pid(self.running.task_id)
-        except redis.RedisError as exc:
-            log.debug("PID not cleared: %s", exc)
+        self._write(lambda: self.worker.state.clear_pid(self.running.task_id))
 
     def _status(self, state: TaskState, **extra: Any) -> None:
         phase = self.running.phase.value if self.running.phase else None
+        self._write(lambda: self.worker.state.set_status(self.running.task_id, state, phase=phase, **extra))
+
+    def _write(self, write: Callable[[], object]) -> None:
+        """A progress or PID write from the runner's wait loop. These are best effort: skipped while
+        Redis is known to be down (a call to a dead Redis costs seconds, and the runner must keep
+        watching nmap for cancels and timeouts), and the first failure tells the run loop."""
+        if not self.worker.redis_ok:
+            return
         try:
-            self.worker.state.set_status(self.running.task_id, state, phase=phase, **extra)
+            write()
         except redis.RedisError as exc:
-            log.debug("status not written: %s", exc)
+            self.worker.redis_failed(exc)
 
 
 def on_delivered(state: RedisState, entry: SpoolEntry, error: str | None) -> None:

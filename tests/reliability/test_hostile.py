@@ -112,16 +112,6 @@ def test_hostile_input_never_reaches_nmap(
     assert len(watch.nmap_tasks) <= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "DEFECT: forged messages stall the cleanup of real tasks. Every undecodable or invalid payload costs "
-        "the single janitor thread METADATA_GRACE (3 s) waiting for Tasker metadata that a forger never "
-        "writes (_clean_rejected -> _await_tracking without a task), and the janitor also finishes Tasker's "
-        "rejected and poison tasks: N forged messages delay those by 3N s and keep N payloads in memory; "
-        "a refused real task even gets its failed status only then."
-    ),
-)
 def test_forged_messages_do_not_delay_tasker_cleanup(
     tasker, worker_factory, scanledger, netns_lab, redis_server, figures: Figures
 ) -> None:

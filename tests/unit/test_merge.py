@@ -13,7 +13,7 @@ import nmap
 import pytest
 
 from falcoria_worker.errors import ScanFailed
-from falcoria_worker.merge import PortRow, host_found, merge_reports, open_ports, summary
+from falcoria_worker.merge import PortRow, merge_reports, phase1_ports, summary
 from tests.fakes.scanledger import ReportRejected, check_report
 from tests.support import xmlgen
 
@@ -25,6 +25,11 @@ HOST_TAIL_ORDER = ["os", "uptime", "distance", "tcpsequence", "ipidsequence", "t
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
+
+
+def ports_of(xml: Path, target: str) -> list:
+    """Phase 1's ports to probe, [] when there is no host at all."""
+    return phase1_ports(xml, target) or []
 
 
 def fixture(name: str) -> Path:
@@ -168,7 +173,7 @@ def test_os_detection_reaches_the_report_in_nmap_order(tmp_path: Path) -> None:
 
 
 def test_udp_open_filtered_gets_service_detection(tmp_path: Path) -> None:
-    assert open_ports(fixture("phase1-udp.xml"), TARGET) == [("udp", 5353), ("udp", 5354)]
+    assert ports_of(fixture("phase1-udp.xml"), TARGET) == [("udp", 5353), ("udp", 5354)]
     root = merged(tmp_path, fixture("phase1-udp.xml"), fixture("phase2-udp.xml"))
     assert "-sU" in root.get("args", "")
     assert port(root, "udp", 5353).find("service").get("servicefp", "").startswith("SF-Port5353-UDP")  # type: ignore[union-attr]
@@ -178,10 +183,10 @@ def test_udp_open_filtered_gets_service_detection(tmp_path: Path) -> None:
     assert port(root, "udp", 5355).find("state").get("state") == "closed"  # phase 1 only  # type: ignore[union-attr]
 
 
-def test_open_ports_and_host_found_on_real_captures() -> None:
-    assert open_ports(fixture("phase1.xml"), TARGET) == [("tcp", 12222), ("tcp", 18080)]
-    assert open_ports(fixture("phase1.xml"), "127.0.0.22") == []  # another host's ports are not ours
-    assert host_found(fixture("phase1.xml"))
+def test_phase1_ports_on_real_captures() -> None:
+    assert ports_of(fixture("phase1.xml"), TARGET) == [("tcp", 12222), ("tcp", 18080)]
+    assert ports_of(fixture("phase1.xml"), "127.0.0.22") == []  # another host's ports are not ours
+    assert phase1_ports(fixture("phase1.xml"), TARGET) is not None
 
 
 def test_summary_rows_of_merged_report(tmp_path: Path) -> None:
@@ -262,26 +267,26 @@ def test_truncated_phase1_raises_scanfailed_and_leaves_no_output(tmp_path: Path,
         merge_reports(cut, fixture("phase2.xml"), out, target_ip=TARGET, hostnames=())
     assert not out.exists()
     with pytest.raises(ScanFailed, match="truncated"):
-        open_ports(cut, TARGET)
+        ports_of(cut, TARGET)
     with pytest.raises(ScanFailed, match="truncated"):
-        host_found(cut)
+        phase1_ports(cut, TARGET)
 
 
 def test_phase1_that_is_not_nmap_xml(tmp_path: Path) -> None:
     bogus = tmp_path / "bogus.xml"
     bogus.write_text("<html><body>no</body></html>")
     with pytest.raises(ScanFailed, match="not an nmap report"):
-        open_ports(bogus, TARGET)
+        ports_of(bogus, TARGET)
     with pytest.raises(ScanFailed, match="cannot read"):
-        host_found(tmp_path / "absent.xml")
+        phase1_ports(tmp_path / "absent.xml", TARGET)
 
 
 def test_no_host_in_phase1(tmp_path: Path) -> None:
     text = fixture("phase1.xml").read_text()
     empty = tmp_path / "empty.xml"
     empty.write_text(text[: text.index("<host ")] + text[text.index("<runstats>") :])
-    assert not host_found(empty)
-    assert open_ports(empty, TARGET) == []
+    assert phase1_ports(empty, TARGET) is None
+    assert ports_of(empty, TARGET) == []
     out = tmp_path / "merged.xml"
     merge_reports(empty, None, out, target_ip=TARGET, hostnames=())
     with pytest.raises(ReportRejected) as rejected:
@@ -388,7 +393,7 @@ def test_ipv6_target_matched_by_normalised_address(tmp_path: Path) -> None:
     ports = xmlgen.open_tcp([22, 80])
     p1 = xmlgen.phase1(tmp_path / "p1.xml", "::1", [*ports, ("tcp", 81, "closed")])
     p2 = xmlgen.phase2(tmp_path / "p2.xml", "0:0:0:0:0:0:0:1", ports)
-    assert open_ports(p1, "0000:0000::0001") == [("tcp", 22), ("tcp", 80)]
+    assert ports_of(p1, "0000:0000::0001") == [("tcp", 22), ("tcp", 80)]
     root = merged(tmp_path, p1, p2, target="0::1", hostnames=("v6.test",))
     assert root.find("host/address").get("addr") == "::1"  # type: ignore[union-attr]
     assert script_ids(port(root, "tcp", 80)) == ["banner", "http-server-header", "ssl-cert"]
@@ -447,7 +452,7 @@ def test_taskprogress_dropped_and_other_hosts_kept(tmp_path: Path) -> None:
 
 def test_all_65535_ports(tmp_path: Path) -> None:
     p1, p2 = xmlgen.all_ports_pair(tmp_path, TARGET)
-    assert len(open_ports(p1, TARGET)) == 65535
+    assert len(ports_of(p1, TARGET)) == 65535
     out = tmp_path / "merged.xml"
     merge_reports(p1, p2, out, target_ip=TARGET, hostnames=("all.test",))
     rows = summary(out)
@@ -488,7 +493,7 @@ def test_merge_memory_does_not_grow_with_the_port_count(tmp_path: Path) -> None:
 
 def test_handmade_ipv6_pair_keeps_scripts_hostscript_trace_and_ptr(tmp_path: Path) -> None:
     p1, p2 = fixture("handmade/ipv6-phase1.xml"), fixture("handmade/ipv6-phase2.xml")
-    assert open_ports(p1, "0:0:0:0:0:0:0:1") == [("tcp", 22), ("tcp", 80)]
+    assert ports_of(p1, "0:0:0:0:0:0:0:1") == [("tcp", 22), ("tcp", 80)]
     root = merged(tmp_path, p1, p2, target="0:0:0:0:0:0:0:1", hostnames=("v6.test", "LOCALHOST"))
     host = root.find("host")
     assert host is not None
