@@ -35,6 +35,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -208,8 +209,8 @@ class RedisServer:
 
     @classmethod
     def launch(cls, run_dir: Path, bind: Sequence[str] = ("127.0.0.1",)) -> RedisServer:
-        work = run_dir / "redis"
-        work.mkdir(mode=0o700)
+        # A directory of its own (mkdtemp: 0700): several servers may be launched in one session.
+        work = Path(tempfile.mkdtemp(prefix="redis-", dir=run_dir))
         server = cls(
             dir=work,
             port=_free_ports(1),
@@ -336,7 +337,8 @@ class RabbitMQ:
 
     @classmethod
     def launch(cls, run_dir: Path, bind: Sequence[str] = ("127.0.0.1",)) -> RabbitMQ:
-        work = run_dir / "rabbitmq"
+        # A directory of its own: several brokers may be launched in one session.
+        work = Path(tempfile.mkdtemp(prefix="rabbitmq-", dir=run_dir))
         # Block: AMQP, distribution, epmd, then ten ports for the CLI tools' own distribution listeners
         # (their default range 35672-35682 would be shared with every other node on the machine).
         base = _free_ports(13)
@@ -355,7 +357,7 @@ class RabbitMQ:
         return broker
 
     def _write_config(self) -> None:
-        self.dir.mkdir(mode=0o750)
+        self.dir.chmod(0o750)  # the rabbitmq user reads its config and writes mnesia and logs here
         for sub in ("mnesia", "log"):
             (self.dir / sub).mkdir()
         listeners = [f"listeners.tcp.{i} = {addr}:{self.port}" for i, addr in enumerate(self.bind, 1)]
@@ -460,7 +462,7 @@ class RabbitMQ:
             start_new_session=True,
         )
         if self._registry:
-            self._registry.add("epmd", self._epmd.pid)
+            self._registry.add(f"epmd-{self.port}", self._epmd.pid)
         _wait_tcp("127.0.0.1", self.epmd_port, 10)
 
     def start(self) -> None:
@@ -475,7 +477,7 @@ class RabbitMQ:
             logs = "\n".join(_tail(p) for p in sorted((self.dir / "log").glob("*.log")))
             raise RuntimeError(f"RabbitMQ {self.node} did not start:\n{waited.stderr}\n{logs}")
         if self._registry:
-            self._registry.add("rabbitmq", int(self.pid_file.read_text().strip()))
+            self._registry.add(f"rabbitmq-{self.port}", int(self.pid_file.read_text().strip()))
         # `wait` returns once the rabbit app runs; the listener and the default vhost/user are proven by
         # a real login.
         self.connection().close()
@@ -489,7 +491,7 @@ class RabbitMQ:
             self.rabbitmqctl("-q", "stop", str(self.pid_file), check=False)
             self.pid_file.unlink(missing_ok=True)
         if self._registry:
-            self._registry.remove("rabbitmq")
+            self._registry.remove(f"rabbitmq-{self.port}")
         self.stop_seconds = time.monotonic() - began
 
     def restart(self) -> None:
@@ -507,7 +509,7 @@ class RabbitMQ:
                 self._epmd.kill()
                 self._epmd.wait()
             if self._registry:
-                self._registry.remove("epmd")
+                self._registry.remove(f"epmd-{self.port}")
             self._epmd = None
 
     def reset_vhost(self) -> None:

@@ -48,18 +48,22 @@ def report(suite: str) -> tuple[dict[str, float], dict[str, float]]:
     return REPORTS.setdefault(suite, ({}, {}))
 
 
+UPGRADE_SUFFIX = "upgradetest1"
+
+
 @functools.cache
-def deb_for(suite: str) -> Path:
+def deb_for(suite: str, version_suffix: str = "") -> Path:
     """The .deb for `suite`: $FALCORIA_WORKER_DEB (bookworm) or $FALCORIA_WORKER_DEB_TRIXIE, else built once
     by scripts/build-deb --dist (a release other than the host's builds in its own cached build root)."""
     variable = "FALCORIA_WORKER_DEB" if suite == harness.SUITE else f"FALCORIA_WORKER_DEB_{suite.upper()}"
     given = os.environ.get(variable)
-    if given:
+    if given and not version_suffix:
         return Path(given)
     timings, facts = report(suite)
     started = time.monotonic()
+    extra = ["--version-suffix", version_suffix] if version_suffix else []
     proc = subprocess.run(
-        [str(harness.REPO / "scripts/build-deb"), "--dist", suite],
+        [str(harness.REPO / "scripts/build-deb"), "--dist", suite, *extra],
         capture_output=True,
         text=True,
         timeout=900,
@@ -67,9 +71,12 @@ def deb_for(suite: str) -> Path:
     )
     if proc.returncode != 0:
         pytest.fail(f"scripts/build-deb --dist {suite} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    timings["deb build + lintian"] = time.monotonic() - started
     deb = Path(proc.stdout.strip().splitlines()[-1])
-    facts["deb size (MB)"] = deb.stat().st_size / 1e6
+    if version_suffix:
+        timings["rebuild with a higher version"] = time.monotonic() - started
+    else:
+        timings["deb build + lintian"] = time.monotonic() - started
+        facts["deb size (MB)"] = deb.stat().st_size / 1e6
     return deb
 
 
@@ -91,6 +98,12 @@ def system_container(suite: str) -> Iterator[harness.Container]:
 @pytest.fixture(scope="session")
 def package_deb(suite: str) -> Path:
     return deb_for(suite)
+
+
+@pytest.fixture(scope="session")
+def upgraded_deb(suite: str) -> Path:
+    """A rebuild of the same tree with a higher version (and __version__), for the upgrade test."""
+    return deb_for(suite, UPGRADE_SUFFIX)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from tests.fakes.scanledger import FakeScanLedger
 from tests.support.services import RabbitMQ, RedisServer
 from tests.support.tasker import Tasker
 from tests.system import harness
-from tests.system.conftest import report
+from tests.system.conftest import UPGRADE_SUFFIX, report
 
 pytestmark = pytest.mark.system
 
@@ -267,13 +267,25 @@ def test_target_restart_restarts_every_instance(configured: harness.Container) -
         assert after[unit] != before[unit], f"{unit} was not restarted"
 
 
-def test_upgrade_restarts_running_instances(configured: harness.Container) -> None:
-    before = _invocations(configured)
-    configured.run("apt-get", "install", "-y", "--reinstall", DEB_INSIDE, timeout=300)
-    after = _invocations(configured)
+def test_upgrade_to_a_higher_version_restarts_instances_on_the_new_code(
+    configured: harness.Container, upgraded_deb: Path
+) -> None:
+    """apt installs a rebuilt package with a higher version: the running instances are restarted through
+    the target and the new processes run the new build (its version is in their start-up record)."""
+    box = configured
+    before = _invocations(box)
+    box.copy_in(upgraded_deb, "/root/falcoria-worker-upgrade.deb")
+    box.run("apt-get", "install", "-y", "/root/falcoria-worker-upgrade.deb", timeout=300)
+    installed = box.run("dpkg-query", "-W", "-f=${Version}", "falcoria-worker").stdout
+    assert installed.endswith(f"+{UPGRADE_SUFFIX}"), installed
+    new_version = box.run("falcoria-worker", "--version").stdout.split()[-1]
+    assert new_version.endswith(f"+{UPGRADE_SUFFIX}"), new_version
+    after = _invocations(box)
     for unit in INSTANCES:
-        assert configured.systemctl("is-active", unit).stdout.strip() == "active", unit
+        assert box.systemctl("is-active", unit).stdout.strip() == "active", unit
         assert after[unit] != before[unit], f"{unit} kept running the old code"
+        started = box.journal(f"_SYSTEMD_INVOCATION_ID={after[unit]}", "-o", "cat")
+        assert f"falcoria-worker {new_version} starting" in started, started[-2000:]
 
 
 def test_journal_is_readable_from_the_host(configured: harness.Container) -> None:
