@@ -126,7 +126,11 @@ def test_full_range_of_an_allopen_host_completes(netns_lab: NetnsLab, tmp_path: 
         f"XML {xml.stat().st_size / 1e6:.2f} MB"
     )
     assert (run.returncode, run.timed_out, run.cancelled) == (0, False, False), run.stderr_tail
-    assert port_states(xml) == Counter({"open": 65535})
+    states = port_states(xml)
+    # Every port reached the XML (the deadlock would cut it short). On a busy machine nmap may give up
+    # on a few probes of 65,535 and call those ports filtered: that is nmap's verdict, not a loss.
+    assert sum(states.values()) == 65535, states
+    assert states["open"] >= 65535 - 20, states
     assert stdout_size > 1_000_000  # far beyond the 64 KiB that blocked the upstream worker
     assert not (tmp_path / PID_RECORD).exists()
 
