@@ -22,7 +22,7 @@ import pytest
 from tests.fakes.scanledger import FakeScanLedger
 from tests.reliability.kit import Figures, leaked_keys
 from tests.support.drive import status, wait_until
-from tests.support.services import RabbitMQ, RedisServer
+from tests.support.services import RabbitMQ, RedisServer, service_pair
 from tests.support.tasker import Tasker
 from tests.system import harness
 
@@ -61,12 +61,11 @@ def machine(services_run_dir: Path) -> Iterator[Machine]:
     if reason:
         pytest.skip(reason)
     deb = _deb()
-    own = services_run_dir / "watchdog"  # the session's own Redis and RabbitMQ live in services_run_dir
-    own.mkdir(mode=0o755, exist_ok=True)
-    with harness.session_lock(), harness.booted() as box:
-        bind = ("127.0.0.1", box.lab.host_ip)
-        redis_server = RedisServer.launch(own, bind=bind)
-        broker = RabbitMQ.launch(own, bind=bind)
+    with (
+        harness.session_lock(),
+        harness.booted() as box,
+        service_pair(services_run_dir, ("127.0.0.1", box.lab.host_ip)) as (redis_server, broker),
+    ):
         ledger = FakeScanLedger(host=box.lab.host_ip)
         ledger.token = ledger.add_token()
         ledger.start()
@@ -91,8 +90,6 @@ def machine(services_run_dir: Path) -> Iterator[Machine]:
             yield Machine(box, redis_server, broker, ledger)
         finally:
             ledger.stop()
-            broker.close()
-            redis_server.stop()
 
 
 def _props(box: harness.Container) -> dict[str, str]:

@@ -525,6 +525,23 @@ class RabbitMQ:
         )
 
 
+@contextlib.contextmanager
+def service_pair(run_dir: Path, bind: Sequence[str]) -> Iterator[tuple[RedisServer, RabbitMQ]]:
+    """A Redis and a RabbitMQ listening on `bind` as well (a bridge address, for workers in containers),
+    stopped again afterwards; each launch has a directory of its own, so pairs may share a run dir."""
+    redis_server = RedisServer.launch(run_dir, bind=bind)
+    try:
+        broker = RabbitMQ.launch(run_dir, bind=bind)
+    except BaseException:
+        redis_server.stop()
+        raise
+    try:
+        yield redis_server, broker
+    finally:
+        broker.close()
+        redis_server.stop()
+
+
 # --- fixtures ------------------------------------------------------------------------------------------
 
 

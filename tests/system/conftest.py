@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.services import RabbitMQ, RedisServer
+from tests.support.services import RabbitMQ, RedisServer, service_pair
 from tests.system import harness
 
 TIMINGS: dict[str, float] = {}
@@ -116,22 +116,8 @@ def bridge_services(
     services_run_dir: Path, system_container: harness.Container
 ) -> Iterator[tuple[RedisServer, RabbitMQ]]:
     """Redis and RabbitMQ for the workers in the container; the bridge exists once the container is up."""
-    bind = ("127.0.0.1", system_container.lab.host_ip)
-    # A directory of their own: the servers' work directories have fixed names, and every release (and
-    # test_role.py's services) launches a pair in the session's run directory.
-    run_dir = services_run_dir / f"bridge-{system_container.suite}"
-    run_dir.mkdir(mode=0o755)
-    redis_server = RedisServer.launch(run_dir, bind=bind)
-    try:
-        broker = RabbitMQ.launch(run_dir, bind=bind)
-    except BaseException:
-        redis_server.stop()
-        raise
-    try:
-        yield redis_server, broker
-    finally:
-        broker.close()
-        redis_server.stop()
+    with service_pair(services_run_dir, ("127.0.0.1", system_container.lab.host_ip)) as pair:
+        yield pair
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

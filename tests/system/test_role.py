@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.services import RabbitMQ, RedisServer
+from tests.support.services import RabbitMQ, RedisServer, service_pair
 from tests.system import fleet as fleet_mod
 from tests.system import harness
 from tests.system.conftest import FACTS, TIMINGS
@@ -39,18 +39,8 @@ def fleet() -> Iterator[fleet_mod.Fleet]:
 @pytest.fixture(scope="module")
 def services(services_run_dir: Path, fleet: fleet_mod.Fleet) -> Iterator[tuple[RedisServer, RabbitMQ]]:
     """Redis and RabbitMQ on the fleet's bridge address (it exists once the fleet is up)."""
-    bind = ("127.0.0.1", fleet.host_ip)
-    redis_server = RedisServer.launch(services_run_dir, bind=bind)
-    try:
-        broker = RabbitMQ.launch(services_run_dir, bind=bind)
-    except BaseException:
-        redis_server.stop()
-        raise
-    try:
-        yield redis_server, broker
-    finally:
-        broker.close()
-        redis_server.stop()
+    with service_pair(services_run_dir, ("127.0.0.1", fleet.host_ip)) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")
