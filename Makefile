@@ -1,5 +1,5 @@
 # One entry point per job; CI runs `make test` through .ci/run (scripts/test).
-.PHONY: help quickstart venv check test test-unit test-system security-gate deb bench
+.PHONY: help quickstart venv check docs test test-unit test-system security-gate deb bench
 
 help:
 	@echo "make quickstart  install what is needed and scan two local services (Debian 12, root)"
@@ -8,6 +8,7 @@ help:
 	@echo "make test-system the .deb in a booted Debian 12 container, the Ansible role (root)"
 	@echo "make security-gate  systemd-analyze security of the unit (fails above 2.0)"
 	@echo "make check       ruff lint and format check"
+	@echo "make docs        render worker.conf, the man page's settings and the design table from config.py"
 	@echo "make deb         build the Debian package (dh-virtualenv) into _build/"
 	@echo "make bench       run the benchmarks and append results to docs/benchmarks.md"
 
@@ -20,6 +21,9 @@ venv:
 check: venv
 	.venv/bin/ruff check falcoria_worker tests bench
 	.venv/bin/ruff format --check falcoria_worker tests bench
+
+docs:
+	scripts/gen-docs
 
 test:
 	scripts/test

@@ -407,6 +407,28 @@ SECRET_KEYS: frozenset[str] = frozenset({"RABBITMQ_PASSWORD", "REDIS_PASS", "WOR
 # <KEY>_FILE names a file holding the secret (settings_io reads it; parse() never sees these keys).
 FILE_KEYS: Mapping[str, str] = {f"{key}_FILE": key for key in sorted(SECRET_KEYS)}
 
+# Where settings come from, lowest first: a key takes its value from the last layer that names it.
+# settings_io.load() merges its layers in this order and the settings reference lists it from here, so
+# the documented order is the order the code applies. Text in `backticks` is a literal name.
+LAYERS: tuple[tuple[str, str], ...] = (
+    (
+        "defaults",
+        "the built-in defaults; `HOSTNAME` is the machine's host name, and `STATE_DIR` is"
+        " `$STATE_DIRECTORY` when systemd sets it",
+    ),
+    ("worker.conf", "`/etc/falcoria-worker/worker.conf`, shared by every instance (optional)"),
+    ("worker@INSTANCE.conf", "`/etc/falcoria-worker/worker@<INSTANCE>.conf`, for one instance (optional)"),
+    ("--config", "each `--config FILE`, in the order given (the file must exist)"),
+    ("environment", "environment variables named like a setting, in any case"),
+    (
+        "credentials",
+        "the secrets in `$CREDENTIALS_DIRECTORY/<key in lower case>`, which the unit fills from"
+        " `/etc/falcoria-worker/credentials/` with `LoadCredential=`",
+    ),
+    ("--set", "each `--set KEY=VALUE` on the command line"),
+    ("--instance", "`--instance NAME`, which the unit passes as `%i`; it sets `INSTANCE` only"),
+)
+
 
 def _no_hostname(typed: Mapping[str, object]) -> object:
     raise ConfigError("HOSTNAME", "is empty", "set HOSTNAME to this scanner's host name")

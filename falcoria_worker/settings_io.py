@@ -1,15 +1,7 @@
 """Where settings come from: files, environment, credentials and the command line, layered.
 
-Layers, lowest first (a key takes its value from the highest layer that names it):
-
-    default            built-in DEFAULTS; HOSTNAME = socket.gethostname(); STATE_DIR = $STATE_DIRECTORY
-    worker.conf        /etc/falcoria-worker/worker.conf (optional; unreadable is an error)
-    worker@<i>.conf    /etc/falcoria-worker/worker@<INSTANCE>.conf (optional)
-    --config FILE      each extra file, in the order given (must exist)
-    env                environment variables whose upper-cased name is a known setting
-    credential         $CREDENTIALS_DIRECTORY/<lower-case key> (systemd LoadCredential=)
-    --set KEY=VALUE    command-line overrides
-    --instance         the instance name the unit passes (%i)
+The layers and their order are `config.LAYERS`, lowest first: a key takes its value from the highest layer
+that names it. `load()` merges them in that order, and the settings reference is generated from it.
 
 Secrets (config.SECRET_KEYS) follow the same rule. `<KEY>_FILE=/path` counts as a value of its own layer
 (the file is read only if that layer wins), and the credentials directory is a layer of its own just above
@@ -268,6 +260,11 @@ def _default_layer(environ: Mapping[str, str]) -> _Layer:
 # --- load -----------------------------------------------------------------------------------------------
 
 
+def _in_order(by_name: Mapping[str, list[_Layer]], skip: str = "") -> list[_Layer]:
+    """The layers in `config.LAYERS` order; a name without a loader fails here, not silently."""
+    return [layer for name, _ in config.LAYERS if name != skip for layer in by_name[name]]
+
+
 def _merge(layers: Iterable[_Layer]) -> dict[str, _Entry]:
     merged: dict[str, _Entry] = {}
     for layer in layers:
@@ -298,17 +295,22 @@ def load(
 ) -> LoadedSettings:
     """Read every layer, resolve secrets and parse. Raises ConfigError naming the key or file:line."""
     warnings: list[str] = []
-    defaults = _default_layer(environ)
     base = _file_layer(etc_dir / "worker.conf", required=False, warnings=warnings)
     extra = [_file_layer(Path(path), required=True, warnings=warnings) for path in config_files]
-    env = _env_layer(environ)
-    credentials = _credential_layer(environ)
     command_line = {key.upper(): _Entry(value, "--set") for key, value in (overrides or {}).items()}
+    by_name: dict[str, list[_Layer]] = {
+        "defaults": [_default_layer(environ)],
+        "worker.conf": [base],
+        "--config": extra,
+        "environment": [_env_layer(environ)],
+        "credentials": [_credential_layer(environ)],
+        "--set": [command_line],
+        "--instance": [{"INSTANCE": _Entry(instance, "--instance")} if instance is not None else {}],
+    }
     _file_key_entries(command_line)
-    top = {"INSTANCE": _Entry(instance, "--instance")} if instance is not None else {}
 
     # The per-instance file is chosen by the INSTANCE every other layer agrees on, so it cannot pick itself.
-    chosen_entry = _merge([defaults, base, *extra, env, command_line, top]).get("INSTANCE")
+    chosen_entry = _merge(_in_order(by_name, skip="worker@INSTANCE.conf")).get("INSTANCE")
     chosen = (
         config.check_instance("INSTANCE", chosen_entry.value) if chosen_entry else config.DEFAULTS["INSTANCE"]
     )
@@ -319,10 +321,10 @@ def load(
             f"{per_instance['INSTANCE'].source} names another instance than {chosen!r}",
             "remove INSTANCE from the per-instance file: its file name already says which instance it is for",
         )
+    by_name["worker@INSTANCE.conf"] = [per_instance]
 
-    layers = [defaults, base, per_instance, *extra, env, credentials, command_line, top]
     warnings[:0] = _unknown_key_warnings([base, per_instance, *extra, command_line])
-    merged = _merge(layers)
+    merged = _merge(_in_order(by_name))
     values = {}
     for key, entry in merged.items():
         if entry.file is None:

@@ -374,3 +374,41 @@ def test_loaded_settings_repr_holds_no_secret(etc: Path, tmp_path: Path) -> None
     text = repr(loaded) + repr(describe(loaded))
     for secret in ("hunter2", "t0ken-from-file", "rabbit-pw"):
         assert secret not in text
+
+
+def test_load_applies_the_layers_in_the_documented_order(tmp_path: Path) -> None:
+    # REDIS_PASS can come from every layer but the two ends; each layer gives it its own name as value.
+    # With the layers above k taken away, layer k must win: the order of config.LAYERS is the order applied.
+    holders = ["worker.conf", "worker@INSTANCE.conf", "--config", "environment", "credentials", "--set"]
+    names = [name for name, _ in config.LAYERS]
+    assert [name for name in names if name in holders] == holders
+    assert names == ["defaults", *holders, "--instance"]
+    for count in range(1, len(holders) + 1):
+        root = tmp_path / str(count)
+        etc = root / "etc"
+        etc.mkdir(parents=True)
+        environ: dict[str, str] = {}
+        overrides: dict[str, str] = {}
+        config_files = []
+        for name in holders[:count]:
+            if name == "worker.conf":
+                write(etc / "worker.conf", f"REDIS_PASS={name}\n")
+            elif name == "worker@INSTANCE.conf":
+                write(etc / "worker@1.conf", f"REDIS_PASS={name}\n")
+            elif name == "--config":
+                config_files.append(write(root / "extra.conf", f"REDIS_PASS={name}\n"))
+            elif name == "environment":
+                environ["REDIS_PASS"] = name
+            elif name == "credentials":
+                (root / "creds").mkdir()
+                write(root / "creds" / "redis_pass", name, 0o400)
+                environ["CREDENTIALS_DIRECTORY"] = str(root / "creds")
+            else:
+                overrides["REDIS_PASS"] = name
+        loaded = load(environ=environ, overrides=overrides, config_files=config_files, etc_dir=etc)
+        assert loaded.settings.redis_pass == holders[count - 1]
+    nothing = tmp_path / "empty"
+    nothing.mkdir()
+    assert load(environ={}, etc_dir=nothing).settings.redis_pass == ""  # the defaults
+    ranked = load(instance="top", overrides={"INSTANCE": "set"}, environ={}, etc_dir=nothing)
+    assert ranked.settings.instance == "top"
