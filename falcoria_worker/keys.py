@@ -52,12 +52,12 @@ def worker_key(hostname: str) -> str:
 
 
 def legacy_ip_task_lock_key(project: str, ip: str) -> str:
-    """Written by nobody any more; the upstream worker still DELs it after cleanup."""
+    """Nothing writes it; the upstream worker DELs it after cleanup, so cleanup deletes it too."""
     return f"project:{project}:ip_task_lock:{ip}"
 
 
 def legacy_scan_lock_key(hostname: str) -> str:
-    """Written by nobody any more; the upstream cancel task still DELs it."""
+    """Nothing writes it; the upstream cancel task DELs it, so cleanup deletes it too."""
     return f"scan:lock:{hostname}"
 
 

@@ -41,7 +41,8 @@ _HOST_TAIL_ORDER = (
 )
 # Host-level results of phase 2 (-O, -sC, --traceroute) that the merged host takes over.
 _PHASE2_HOST_TAGS = frozenset(_HOST_TAIL_ORDER) - {"times"}
-_DROPPED = frozenset({"taskprogress"})  # progress ticks: noise for ScanLedger, and nmap#2494 broke its DTD
+# Progress ticks: noise for ScanLedger, and nmap writes some without the attributes its own DTD requires.
+_DROPPED = frozenset({"taskprogress"})
 _NOT_HEADER = frozenset({*_HOST_TAIL_ORDER, "ports", *_DROPPED})  # what the host start must not write
 _PROTO_RANK = {"tcp": 0, "udp": 1, "sctp": 2, "ip": 3}
 _TEXT_ENTITIES = {"\r": "&#13;"}  # a raw CR would come back as LF from the next parser

@@ -77,7 +77,7 @@ def test_after_cleanup_only_the_worker_key_remains(r: redis.Redis, state: RedisS
     state.register_ip("192.0.2.2")
     state.mark_running(task_id, task, started_at=1_700_000_000, worker=f"worker1@{HOST}")
     state.set_pid(task_id, 4242)
-    r.set(f"project:{PROJECT}:ip_task_lock:{task.ip}", "1")  # legacy keys nobody writes any more
+    r.set(f"project:{PROJECT}:ip_task_lock:{task.ip}", "1")  # upstream keys nothing writes; cleanup DELs them
     r.set(f"scan:lock:{HOST}", "1")
     r.hset(f"running:tool:nmap:host:{HOST}", task_id, 4241)  # a stale PID under the builder's name
 

@@ -243,8 +243,8 @@ def test_sigterm_hands_the_task_back_and_leaves_nothing_running(
     project = uuid.UUID(scanledger.project)
     task_id = tasker.send_scan(**slow_phase2(netns_lab.services), project=project, mode="append")
     wait_phase(redis_server, task_id, "service_scan", worker)
-    # An idle instance is waiting: it receives the handed-back copy at once (publishing before
-    # releasing the lease made it drop that copy as a duplicate, and the task was lost).
+    # An idle instance is waiting: it receives the handed-back copy at once, so the lease must be released
+    # before the copy is published, or that instance drops it as a duplicate and the task is lost.
     other = worker_factory("2", ledger=scanledger).start()
     assert worker.stop(timeout=20) == 0
     assert "STOPPING=1" in worker.notify.lines()

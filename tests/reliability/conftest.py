@@ -1,5 +1,5 @@
 """Fixtures of the reliability suite: the case's figures, the /proc watch, and the secrets check that
-runs after every case (issue 7, case 8). The figures are printed at the end of the run; with
+runs after every case (case 8 of docs/reliability.md). The figures are printed at the end of the run; with
 FW_RELIABILITY_REPORT=<file> they are also appended to that file as JSON lines (docs/reliability.md is
 written from them)."""
 

@@ -529,8 +529,8 @@ def test_handmade_phase2_cut_inside_os_is_treated_as_absent(tmp_path: Path) -> N
 
 
 def test_lan_host_with_a_mac_address_keeps_phase2_and_task_hostnames(tmp_path: Path) -> None:
-    # Regression: the target was recognised by counting <address> children at the first one's end
-    # event, but iterparse had already parsed the MAC address, so every LAN host lost its phase 2.
+    # A LAN host has a MAC <address> after its IP one, and iterparse has usually parsed both by the first
+    # one's end event: a merge that counted <address> children there would drop every LAN host's phase 2.
     lan = "10.250.176.2"
     out = tmp_path / "out.xml"
     merge_reports(
