@@ -15,6 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "benchmarks.md"
 
 
+@dataclass(frozen=True)
+class Options:
+    """What `scripts/bench` was asked for, as far as a benchmark looks at it."""
+
+    quick: bool = False
+    addresses: int | None = None  # sweep: addresses per round (default: by instance count)
+    instances: tuple[int, ...] = ()  # sweep: instance counts (default 1, 2, 4, 8)
+    seconds: float | None = None  # idle: length of the sample
+    plot_dir: Path | None = None  # where figures go (docs/ when the run is recorded), None: no figures
+    settings: dict[str, str] = field(default_factory=dict)  # extra worker settings (idle, tracking)
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     """Nearest-rank percentile (p in 0..100): with 50 samples p99 is the largest, never interpolated."""
     if not values:
