@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 
 from bench import cancel, idle, large, overhead, parse_bench, scaling, sweep, tracking
-from bench.lab import Lab
+from bench.lab import Lab, load_average
 from bench.report import RESULTS, Options, Result, append, header
 
 BENCHMARKS: dict[str, Callable[[Lab, Options], Result]] = {
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.quick,
                     notes=[traceback.format_exc(limit=1).strip().splitlines()[-1]],
                 )
+            result.notes.append(f"load average at the end: {load_average()} (1/5/15 min)")
             print(result.terminal(), "\n", flush=True)
             results.append(result)
             lab.reset()

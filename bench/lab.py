@@ -216,14 +216,23 @@ def machine() -> dict[str, str]:
     """Cores, memory and CPU model of this host, for the results file."""
     meminfo = Path("/proc/meminfo").read_text()
     total_kib = int(re.search(r"MemTotal:\s+(\d+)", meminfo)[1])  # type: ignore[index]
+    free_kib = int(re.search(r"MemAvailable:\s+(\d+)", meminfo)[1])  # type: ignore[index]
     model = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
     return {
         "cores": str(os.cpu_count()),
         "memory": f"{total_kib / 2**20:.1f} GiB",
+        "available": f"{free_kib / 2**20:.1f} GiB",
         "cpu": model[1].strip() if model else "unknown",
         "kernel": os.uname().release,
         "nmap": _nmap_version(),
+        "load": load_average(),
     }
+
+
+def load_average() -> str:
+    """1, 5 and 15 minute load averages: how much else the CPU was doing (results are not comparable
+    across different loads)."""
+    return " / ".join(f"{load:.2f}" for load in os.getloadavg())
 
 
 def _nmap_version() -> str:

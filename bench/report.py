@@ -122,7 +122,8 @@ def header() -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         f"## {now}, commit {_commit()}\n\n"
-        f"{m['cores']} cores ({m['cpu']}), {m['memory']} memory, kernel {m['kernel']}, nmap {m['nmap']}\n"
+        f"{m['cores']} cores ({m['cpu']}), {m['memory']} memory ({m['available']} available), "
+        f"kernel {m['kernel']}, nmap {m['nmap']}; load average {m['load']} (1/5/15 min) at the start\n"
     )
 
 
