@@ -139,11 +139,16 @@ def append(results: Sequence[Result], head: str) -> None:
 
 INTRO = """# Benchmarks
 
-Produced by `scripts/bench` (all benchmarks) or `scripts/bench NAME...` (`overhead`, `large`, `cancel`,
-`scaling`, `parse`); `--quick` runs a smaller smoke version. Each run appends a dated section below with
-the commit and the machine. Everything runs locally: real Redis and RabbitMQ on private ports, the fake
-ScanLedger in the benchmark process, and scan targets in network namespaces the benchmark creates
-(tests/support/netns.py). The code is in `bench/`; how each figure is taken is described in its module's
-docstring. Results from different machines or from runs that shared the CPU with other work are not
-comparable; the "notes" lines say what else ran.
+Produced by `scripts/bench` (all benchmarks but the sweep) or `scripts/bench NAME...` (`overhead`,
+`large`, `cancel`, `scaling`, `parse`, `idle`, `tracking`, `sweep`); `--quick` runs a smaller smoke
+version. The sweep (up to 45 minutes) runs only when named: `scripts/bench sweep` scans 256 addresses per
+instance (at most the whole /22 of 1,024) with 1, 2, 4 and 8 instances; `--instances 1,2` and
+`--addresses 128` make it smaller. `scripts/bench idle --seconds S` sets the idle sample's length, and
+`--set KEY=VALUE` passes a worker setting to the idle and tracking benchmarks. Each run appends a dated
+section below with the commit, the machine and its load average, and writes the sweep's figures
+(`bench-<time>-sweep-*.png`) next to this file. Everything runs locally: real Redis and RabbitMQ on
+private ports, the fake ScanLedger in the benchmark process, and scan targets in network namespaces the
+benchmark creates (tests/support/netns.py). The code is in `bench/`; how each figure is taken is
+described in its module's docstring. Results from different machines or from runs that shared the CPU
+with other work are not comparable; the "notes" lines say what else ran.
 """
