@@ -1,8 +1,9 @@
-"""`python -m bench [--quick] [--no-record] [NAME...]`: run benchmarks (all by default) in one lab.
+"""`python -m bench [--quick] [--no-record] [options] [NAME...]`: run benchmarks in one lab.
 
 Each prints its figures; unless --no-record, all results are appended to docs/benchmarks.md in one
-dated section. SIGTERM and Ctrl-C stop the run and still tear the lab down (services, namespaces,
-workers, nmap).
+dated section, and figures (the sweep's) are written next to it. Without a NAME all run but the sweep,
+which takes up to 45 minutes and runs only when named. SIGTERM and Ctrl-C stop the run and still tear
+the lab down (services, namespaces, workers, nmap).
 """
 
 from __future__ import annotations
@@ -13,17 +14,38 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from bench import cancel, large, overhead, parse_bench, scaling
-from bench.lab import Lab
-from bench.report import Result, append, header
+from bench import cancel, idle, large, overhead, parse_bench, scaling, sweep, tracking
+from bench.lab import Lab, load_average
+from bench.report import RESULTS, Options, Result, append, header
 
-BENCHMARKS: dict[str, Callable[[Lab, bool], Result]] = {
-    "overhead": overhead.run,
-    "large": large.run,
-    "cancel": cancel.run,
-    "scaling": scaling.run,
-    "parse": parse_bench.run,
+BENCHMARKS: dict[str, Callable[[Lab, Options], Result]] = {
+    "overhead": lambda lab, o: overhead.run(lab, o.quick),
+    "large": lambda lab, o: large.run(lab, o.quick),
+    "cancel": lambda lab, o: cancel.run(lab, o.quick),
+    "scaling": lambda lab, o: scaling.run(lab, o.quick),
+    "parse": lambda lab, o: parse_bench.run(lab, o.quick),
+    "idle": idle.run,
+    "tracking": tracking.run,
+    "sweep": sweep.run,
 }
+ONLY_WHEN_NAMED = {"sweep"}
+
+
+def _instances(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not all(1 <= n <= 64 for n in counts):
+        raise argparse.ArgumentTypeError("instance counts are 1..64")
+    return counts
+
+
+def _setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
 
 
 def _stop(signum: int, _frame: object) -> None:
@@ -37,11 +59,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="small smoke version of each benchmark")
     parser.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
+    parser.add_argument("--addresses", type=int, help="sweep: addresses per round (1..1024)")
+    parser.add_argument("--instances", type=_instances, default=(), help="sweep: instance counts, e.g. 1,2")
+    parser.add_argument("--seconds", type=float, help="idle: length of the sample (default 60)")
+    parser.add_argument(
+        "--set",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="idle, tracking: a worker setting (repeatable)",
+    )
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
-    names = args.names or list(BENCHMARKS)
+    if args.addresses is not None and not 1 <= args.addresses <= 1024:
+        parser.error("--addresses is 1..1024 (one /22)")
+    names = args.names or [n for n in BENCHMARKS if n not in ONLY_WHEN_NAMED]
+    options = Options(
+        quick=args.quick,
+        addresses=args.addresses,
+        instances=args.instances,
+        seconds=args.seconds,
+        plot_dir=None if args.no_record else RESULTS.parent,
+        settings=dict(args.set),
+    )
     signal.signal(signal.SIGTERM, _stop)
     head = header()
     print(head, flush=True)
@@ -50,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     with Lab() as lab:
         for name in names:
             try:
-                result = BENCHMARKS[name](lab, args.quick)
+                result = BENCHMARKS[name](lab, options)
             except Exception:
                 failed += 1
                 traceback.print_exc()
@@ -60,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.quick,
                     notes=[traceback.format_exc(limit=1).strip().splitlines()[-1]],
                 )
+            result.notes.append(f"load average at the end: {load_average()} (1/5/15 min)")
             print(result.terminal(), "\n", flush=True)
             results.append(result)
             lab.reset()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from falcoria_worker import argv, merge
-from falcoria_worker.model import Phase, parse_task
+from falcoria_worker.model import Phase, PortRef, parse_task
 from falcoria_worker.policy import check_options
 
 STATS_EVERY = "2s"  # the worker's default, as in bench/lab.py
@@ -65,25 +65,23 @@ def phase1_command(ip: str, ports_opts: str, xml_path: Path) -> list[str]:
     )
 
 
+def phase2_command(ip: str, service_opts: str, ports: list[PortRef], xml_path: Path) -> list[str]:
+    """The worker's phase-2 argv for these options and the ports phase 1 found."""
+    task = _task(ip, "-n -Pn", service_opts)
+    opts = check_options(service_opts, Phase.SERVICES)
+    return argv.phase2_argv(
+        task, opts, ports, nmap="nmap", privileged=False, xml_path=str(xml_path), stats_every=STATS_EVERY
+    )
+
+
 def run_bare(ip: str, ports_opts: str, service_opts: str = "-sV -Pn", *, services: bool = True) -> BareRun:
     """Phase 1, then phase 2 on the ports phase 1 found (skipped when none or not `services`), each timed
     from spawn to exit."""
-    task = _task(ip, ports_opts, service_opts)
     with tempfile.TemporaryDirectory(prefix="falcoria-bench-bare-") as tmp:
         p1, p2 = Path(tmp) / "phase1.xml", Path(tmp) / "phase2.xml"
-        opts1 = check_options(ports_opts, Phase.PORTS)
-        t1 = _run(
-            argv.phase1_argv(
-                task, opts1, nmap="nmap", privileged=False, xml_path=str(p1), stats_every=STATS_EVERY
-            )
-        )
+        t1 = _run(phase1_command(ip, ports_opts, p1))
         ports = merge.phase1_ports(p1, ip) or []
         if not ports or not services:
             return BareRun(t1, 0.0, len(ports))
-        opts2 = check_options(service_opts, Phase.SERVICES)
-        t2 = _run(
-            argv.phase2_argv(
-                task, opts2, ports, nmap="nmap", privileged=False, xml_path=str(p2), stats_every=STATS_EVERY
-            )
-        )
+        t2 = _run(phase2_command(ip, service_opts, ports, p2))
         return BareRun(t1, t2, len(ports))

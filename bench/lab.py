@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from bench import sweepnet
 from tests.fakes.scanledger import FakeScanLedger, Upload
 from tests.support import netns
 from tests.support.services import RabbitMQ, RedisServer, _new_run_dir, _Registry
 from tests.support.tasker import Tasker
 from tests.support.workerproc import NotifyReceiver, WorkerProcess, worker_env
 
+BENCH_CLIENT = "bench-tasker"
 # Production values where the test helpers use fast timers (tests/support/workerproc.py).
 WORKER_SETTINGS = {
     "LOGGER_LEVEL": "INFO",
@@ -58,6 +60,7 @@ class Lab:
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     hostname: str = field(default_factory=lambda: f"fwbench-{secrets.token_hex(3)}")
     workers: list[WorkerProcess] = field(default_factory=list)
+    _sweep: sweepnet.Sweep | None = None
 
     def __enter__(self) -> Lab:
         try:
@@ -85,13 +88,14 @@ class Lab:
         self.ledger.start()
         self.stack.callback(self.ledger.stop)
         self.targets = self._netns()
-        self.tasker = Tasker(self.rabbitmq, self.redis.client())
+        # Named, so that counts of the worker's Redis commands can leave out Tasker's (bench/tracking.py).
+        self.tasker = Tasker(self.rabbitmq, self.redis.client(client_name=BENCH_CLIENT))
         self.stack.callback(self.tasker.close)
         self.stack.callback(self.stop_workers)
 
     def _netns(self) -> Targets:
         netns.remove_leftovers()
-        lab = netns._Lab(f"{netns.PREFIX}{os.getpid()}", netns._free_subnet())
+        lab = self.net = netns._Lab(f"{netns.PREFIX}{os.getpid()}", netns._free_subnet())
         self.stack.callback(lab.close)
         lab.add_bridge()
         services = lab.add_host("services", "s", 2)
@@ -111,10 +115,16 @@ class Lab:
         netns.wait_listening(lab.ip(3), 4242)
         return Targets(services=lab.ip(2), allopen=lab.ip(3), blackhole=lab.ip(4))
 
+    def sweep(self) -> sweepnet.Sweep:
+        """The /22 of sweep targets (bench/sweepnet.py), built on first use: other benchmarks do without."""
+        if self._sweep is None:
+            self._sweep = sweepnet.build(self.net, 5)
+        return self._sweep
+
     # ------------------------------------------------------------------ workers
 
-    def worker(self, instance: str = "1", **extra: str) -> WorkerProcess:
-        """A started, READY `falcoria-worker run` instance on this lab's host name."""
+    def worker(self, instance: str = "1", *, wait_ready: bool = True, **extra: str) -> WorkerProcess:
+        """A started `falcoria-worker run` instance on this lab's host name, READY unless not `wait_ready`."""
         state_dir = self.root / f"state-{instance}"
         state_dir.mkdir(exist_ok=True)
         sock = self.root / f"notify-{instance}.sock"
@@ -133,7 +143,7 @@ class Lab:
             instance, env, state_dir, self.root / f"worker-{instance}.log", NotifyReceiver(sock)
         )
         self.workers.append(proc)
-        return proc.start()
+        return proc.start(wait_ready=wait_ready)
 
     def stop_workers(self) -> None:
         while self.workers:
@@ -155,13 +165,23 @@ class Lab:
 
     # ------------------------------------------------------------------ tasks
 
-    def send(self, ip: str, ports_opts: str, service_opts: str = "-sV -Pn", **fields: object) -> Sent:
-        """One Tasker-shaped task in the real Tasker's order (publish, then its Redis keys), for a project
-        of its own (Tasker's lock is per project, IP and ports, and uploads are matched by project)."""
+    def send(
+        self,
+        ip: str,
+        ports_opts: str,
+        service_opts: str = "-sV -Pn",
+        *,
+        track_delay: float = 0.0,
+        **fields: object,
+    ) -> Sent:
+        """One Tasker-shaped task in the real Tasker's order (publish, then its Redis keys, `track_delay`
+        seconds later), for a project of its own (Tasker's lock is per project, IP and ports, and uploads
+        are matched by project)."""
         project = self.ledger.add_project()
         published = time.time()
         task_id = self.tasker.send_scan(
             track_first=False,
+            track_delay=track_delay,
             ip=ip,
             open_ports_opts=ports_opts,
             service_opts=service_opts,
@@ -196,14 +216,23 @@ def machine() -> dict[str, str]:
     """Cores, memory and CPU model of this host, for the results file."""
     meminfo = Path("/proc/meminfo").read_text()
     total_kib = int(re.search(r"MemTotal:\s+(\d+)", meminfo)[1])  # type: ignore[index]
+    free_kib = int(re.search(r"MemAvailable:\s+(\d+)", meminfo)[1])  # type: ignore[index]
     model = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
     return {
         "cores": str(os.cpu_count()),
         "memory": f"{total_kib / 2**20:.1f} GiB",
+        "available": f"{free_kib / 2**20:.1f} GiB",
         "cpu": model[1].strip() if model else "unknown",
         "kernel": os.uname().release,
         "nmap": _nmap_version(),
+        "load": load_average(),
     }
+
+
+def load_average() -> str:
+    """1, 5 and 15 minute load averages: how much else the CPU was doing (results are not comparable
+    across different loads)."""
+    return " / ".join(f"{load:.2f}" for load in os.getloadavg())
 
 
 def _nmap_version() -> str:

@@ -10,11 +10,9 @@ is not the worker's either.
 
 from __future__ import annotations
 
-import re
 import time
-from pathlib import Path
 
-from bench import bare
+from bench import bare, procstat
 from bench.lab import Lab
 from bench.report import Result, median
 from tests.fakes.scanledger import check_report
@@ -30,11 +28,6 @@ QUICK = [
 ]
 SERVICE_OPTS = "-sV -Pn"
 RSS_GOAL_MIB = 150
-
-
-def _vm(pid: int, field: str) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+)", status)[1]) / 1024  # type: ignore[index]
 
 
 def run(lab: Lab, quick: bool) -> Result:
@@ -53,7 +46,7 @@ def run(lab: Lab, quick: bool) -> Result:
     ]
     for number, (label, ports_opts, services, pairs) in enumerate(QUICK if quick else FULL):
         worker = lab.worker(f"large{number}")
-        idle = _vm(worker.pid, "VmRSS")
+        idle = procstat.memory_kib(worker.pid)["VmRSS"] / 1024
         bares: list[float] = []
         e2es: list[float] = []
         for _ in range(pairs):
@@ -62,7 +55,7 @@ def run(lab: Lab, quick: bool) -> Result:
             task = lab.send(lab.targets.allopen, ports_opts, SERVICE_OPTS, include_services=services)
             upload = lab.upload_of(task, timeout=3600)
             e2es.append(upload.time - task.published)
-        peak = _vm(worker.pid, "VmHWM")
+        peak = procstat.memory_kib(worker.pid)["VmHWM"] / 1024
         started = time.perf_counter()
         check_report(upload.xml)
         parse = time.perf_counter() - started

@@ -18,6 +18,7 @@ import redis
 class Command:
     time: float  # unix seconds, Redis' clock (the same host's clock as time.time())
     text: str
+    client: str = ""  # "address:port" of the connection, "lua" for a command a script ran
 
 
 class Monitor:
@@ -43,7 +44,8 @@ class Monitor:
                 if self._stop.is_set():
                     return
                 with self._lock:
-                    self.commands.append(Command(float(entry["time"]), str(entry["command"])))
+                    client = f"{entry['client_address']}:{entry['client_port']}".rstrip(":")
+                    self.commands.append(Command(float(entry["time"]), str(entry["command"]), client))
 
     def about(self, task_id: str) -> list[Command]:
         with self._lock:

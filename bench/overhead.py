@@ -13,13 +13,12 @@ phase 1's nmap recorded), the two nmap runs as the worker saw them, the gap betw
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 from bench import bare
 from bench.lab import Lab, Sent
 from bench.monitor import Command, Monitor, timeline
+from bench.procstat import cpu_seconds
 from bench.report import Result, median, ms, percentile
 from tests.fakes.scanledger import Upload
 
@@ -38,10 +37,10 @@ def run(lab: Lab, quick: bool) -> Result:
     lab.upload_of(lab.send(ip, PORTS_OPTS, SERVICE_OPTS), timeout=120)
     bare.run_bare(ip, PORTS_OPTS, SERVICE_OPTS)
 
-    idle_cpu = _cpu_seconds(worker.pid)
+    idle_cpu = cpu_seconds(worker.pid)
     time.sleep(IDLE_SECONDS)
-    idle_cpu = (_cpu_seconds(worker.pid) - idle_cpu) / IDLE_SECONDS
-    busy_cpu = _cpu_seconds(worker.pid)
+    idle_cpu = (cpu_seconds(worker.pid) - idle_cpu) / IDLE_SECONDS
+    busy_cpu = cpu_seconds(worker.pid)
     e2e: list[float] = []
     bares: list[bare.BareRun] = []
     sent = []
@@ -55,7 +54,7 @@ def run(lab: Lab, quick: bool) -> Result:
         # The delivery mark follows the upload; give the last one a moment to land in the monitor.
         lab.redis.client().ping()
     commands = mon.commands
-    busy_cpu = _cpu_seconds(worker.pid) - busy_cpu
+    busy_cpu = cpu_seconds(worker.pid) - busy_cpu
 
     parts = _split(commands, sent, lab.hostname)
     totals = [b.total for b in bares]
@@ -128,12 +127,6 @@ def _split(commands: list[Command], sent: list[tuple[Sent, Upload]], hostname: s
         parts["nmap2"].append(t.pid_cleared[1] - t.pid_set[1])
         parts["tail"].append(upload.time - t.pid_cleared[1])
     return parts
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads, not its children)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _row(label: str, values: list[float], *, unit_ms: bool = False) -> list[str]:

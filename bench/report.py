@@ -15,6 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "benchmarks.md"
 
 
+@dataclass(frozen=True)
+class Options:
+    """What `scripts/bench` was asked for, as far as a benchmark looks at it."""
+
+    quick: bool = False
+    addresses: int | None = None  # sweep: addresses per round (default: by instance count)
+    instances: tuple[int, ...] = ()  # sweep: instance counts (default 1, 2, 4, 8)
+    seconds: float | None = None  # idle: length of the sample
+    plot_dir: Path | None = None  # where figures go (docs/ when the run is recorded), None: no figures
+    settings: dict[str, str] = field(default_factory=dict)  # extra worker settings (idle, tracking)
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     """Nearest-rank percentile (p in 0..100): with 50 samples p99 is the largest, never interpolated."""
     if not values:
@@ -110,7 +122,8 @@ def header() -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         f"## {now}, commit {_commit()}\n\n"
-        f"{m['cores']} cores ({m['cpu']}), {m['memory']} memory, kernel {m['kernel']}, nmap {m['nmap']}\n"
+        f"{m['cores']} cores ({m['cpu']}), {m['memory']} memory ({m['available']} available), "
+        f"kernel {m['kernel']}, nmap {m['nmap']}; load average {m['load']} (1/5/15 min) at the start\n"
     )
 
 
@@ -126,11 +139,16 @@ def append(results: Sequence[Result], head: str) -> None:
 
 INTRO = """# Benchmarks
 
-Produced by `scripts/bench` (all benchmarks) or `scripts/bench NAME...` (`overhead`, `large`, `cancel`,
-`scaling`, `parse`); `--quick` runs a smaller smoke version. Each run appends a dated section below with
-the commit and the machine. Everything runs locally: real Redis and RabbitMQ on private ports, the fake
-ScanLedger in the benchmark process, and scan targets in network namespaces the benchmark creates
-(tests/support/netns.py). The code is in `bench/`; how each figure is taken is described in its module's
-docstring. Results from different machines or from runs that shared the CPU with other work are not
-comparable; the "notes" lines say what else ran.
+Produced by `scripts/bench` (all benchmarks but the sweep) or `scripts/bench NAME...` (`overhead`,
+`large`, `cancel`, `scaling`, `parse`, `idle`, `tracking`, `sweep`); `--quick` runs a smaller smoke
+version. The sweep (up to 45 minutes) runs only when named: `scripts/bench sweep` scans 256 addresses per
+instance (at most the whole /22 of 1,024) with 1, 2, 4 and 8 instances; `--instances 1,2` and
+`--addresses 128` make it smaller. `scripts/bench idle --seconds S` sets the idle sample's length, and
+`--set KEY=VALUE` passes a worker setting to the idle and tracking benchmarks. Each run appends a dated
+section below with the commit, the machine and its load average, and writes the sweep's figures
+(`bench-<time>-sweep-*.png`) next to this file. Everything runs locally: real Redis and RabbitMQ on
+private ports, the fake ScanLedger in the benchmark process, and scan targets in network namespaces the
+benchmark creates (tests/support/netns.py). The code is in `bench/`; how each figure is taken is
+described in its module's docstring. Results from different machines or from runs that shared the CPU
+with other work are not comparable; the "notes" lines say what else ran.
 """

@@ -206,8 +206,10 @@ class Tasker:
         self.publish_raw(body, headers, properties, exchange=exchange, routing_key=routing_key)
         return task_id
 
-    def send_scan(self, *, track_first: bool = True, **fields: Any) -> str | None:
-        """One scan task as Tasker's send_single_target sends it; None when the lock refuses it."""
+    def send_scan(self, *, track_first: bool = True, track_delay: float = 0.0, **fields: Any) -> str | None:
+        """One scan task as Tasker's send_single_target sends it; None when the lock refuses it. With
+        track_first=False, the Redis keys follow the publish after `track_delay` seconds (a busy Tasker,
+        or one publishing a large batch before it tracks any of it)."""
         task: dict[str, Any] = {
             "ip": "127.0.0.1",
             "hostnames": [],
@@ -238,6 +240,7 @@ class Tasker:
             self.r.delete(lock)  # Tasker releases the lock when the send fails
             raise
         if not track_first:
+            time.sleep(track_delay)
             self._track(task_id, project, str(task["user"]["id"]), ip, ports)
         return task_id
 
