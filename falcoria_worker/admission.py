@@ -57,7 +57,7 @@ class Admission:
         task = delivery.task
         with task_context(task_id=delivery.task_id, project_id=task.project, target=task.ip):
             record.apply(Event.RECEIVED)
-            return self._decide(record, task)
+            return self._decide(record, delivery, task)
 
     def _not_a_task(self, record: TaskRecord, delivery: Delivery) -> Transition:
         with task_context(task_id=delivery.task_id or None):
@@ -71,7 +71,7 @@ class Admission:
             record.apply(Event.RECEIVED)
             return record.apply(Event.REFUSED, error=delivery.refusal)
 
-    def _decide(self, record: TaskRecord, task: ScanTask) -> Transition:
+    def _decide(self, record: TaskRecord, delivery: Delivery, task: ScanTask) -> Transition:
         task_id = record.task_id
         skip = self._skip_reason(task_id)
         if skip == "revoked":
@@ -82,8 +82,8 @@ class Admission:
             return record.apply(Event.DUPLICATE, error=skip)
         s = self.settings
         verdict = self.store.claim(
-            task_id, self.identity.owner, s.lease_ttl, record.view.delivery.dumps(), s.max_attempts
-        )  # type: ignore[union-attr]
+            task_id, self.identity.owner, s.lease_ttl, delivery.dumps(), s.max_attempts
+        )
         if verdict == "busy":
             log.warning("duplicate delivery of a task another worker is running; dropped")
             return record.apply(Event.DUPLICATE, error="another worker runs it")

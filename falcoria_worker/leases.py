@@ -49,8 +49,9 @@ class Requeues:
 
     def take_back(self) -> None:
         """Release the leases of the tasks asked for, so that whoever receives the copy can claim it
-        (publishing first lost tasks: the copy was dropped as a duplicate, then the release deleted
-        the lease). A Redis failure leaves the lease ours: a restart or a sweep requeues it later."""
+        (published first, the copy would be dropped as a duplicate of a live lease, and the release
+        would then delete the lease: the task would be lost). A Redis failure leaves the lease ours:
+        a restart or a sweep requeues it later."""
         while True:
             try:
                 task_id, action = self._asked.get_nowait()
