@@ -10,18 +10,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import ssl
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from kombu import Connection, Exchange, Producer, Queue
 from kombu.pidbox import Mailbox
 
 from falcoria_worker.config import Settings, broker_url
+from falcoria_worker.protocol import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -29,42 +28,6 @@ log = logging.getLogger(__name__)
 BROADCAST_ROUTING_KEY = "celery"
 # Bounded retries: a publish must not hang a stop that systemd is timing.
 PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
-
-
-@dataclass(frozen=True)
-class RawMessage:
-    """A scan message as it came off the queue, kept so it can be handed back unchanged."""
-
-    body: str
-    headers: dict[str, Any]
-    properties: dict[str, Any]
-
-    @classmethod
-    def from_kombu(cls, message: Any) -> RawMessage:
-        body = message.body
-        return cls(
-            body=body.decode("utf-8", "replace") if isinstance(body, bytes) else body,
-            headers=dict(message.headers or {}),
-            properties={
-                "content_type": message.content_type,
-                "content_encoding": message.content_encoding,
-                "correlation_id": message.properties.get("correlation_id"),
-                "reply_to": message.properties.get("reply_to"),
-                "priority": message.properties.get("priority", 0),
-            },
-        )
-
-    def dumps(self) -> str:
-        # AMQP headers may carry types JSON lacks (timestamps, decimals, bytes); Celery's own headers are
-        # JSON, so whatever else a publisher added is kept as text rather than refused.
-        return json.dumps(
-            {"body": self.body, "headers": self.headers, "properties": self.properties}, default=str
-        )
-
-    @classmethod
-    def loads(cls, text: str | bytes) -> RawMessage:
-        data = json.loads(text)
-        return cls(data["body"], data["headers"], data["properties"])
 
 
 def connect(settings: Settings, *, heartbeat: int = 30) -> Connection:
@@ -121,7 +84,7 @@ def listen_control(
     node.listen(channel=channel, callback=handle)
 
 
-def publish_scan(producer: Producer, settings: Settings, raw: RawMessage) -> None:
+def publish_scan(producer: Producer, settings: Settings, raw: Delivery) -> None:
     """Put a scan message back on Tasker's queue byte for byte: same body, headers and task id."""
     props = raw.properties
     queue = scan_queue(settings)

@@ -65,7 +65,7 @@ def _state_dir(settings: Settings) -> tuple[bool, str]:
 
 
 def _redis(settings: Settings) -> tuple[bool, str]:
-    from falcoria_worker.state import redis_client
+    from falcoria_worker.redis_store import redis_client
 
     redis_client(settings).ping()
     return True, f"{settings.redis_host}:{settings.redis_port} db {settings.redis_db} answers"

@@ -333,15 +333,15 @@ def _config(loaded: object) -> int:
 def _register_ip(_args: argparse.Namespace, settings: Settings) -> int:
     import redis
 
-    from falcoria_worker.state import RedisState, redis_client
-    from falcoria_worker.worker import current_ip
+    from falcoria_worker.redis_store import RedisStore, redis_client
+    from falcoria_worker.worker_ip import current_ip
 
     ip = current_ip(settings)
     if ip is None:
         print("no IP found: set WORKER_IP (there is no default route)", file=sys.stderr)
         return 1
     try:
-        RedisState(redis_client(settings), settings.hostname, status_ttl=settings.status_ttl).register_ip(ip)
+        RedisStore(redis_client(settings), settings.hostname, status_ttl=settings.status_ttl).register_ip(ip)
     except redis.RedisError as exc:
         print(f"Redis: {exc}", file=sys.stderr)
         return 1
@@ -353,11 +353,14 @@ def _register_ip(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run(_args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
     from falcoria_worker.ledger import ScanLedger
-    from falcoria_worker.service import Notifier
+    from falcoria_worker.observers import ObserverHub, delivery_reporter
+    from falcoria_worker.redis_store import RedisStore, redis_client
+    from falcoria_worker.runloop import Worker
     from falcoria_worker.spool import Deliverer, Spool
-    from falcoria_worker.state import RedisState, redis_client
-    from falcoria_worker.worker import Worker, on_delivered
+    from falcoria_worker.systemd_notify import Notifier
 
     engine = engine_from(settings)
     raw = caps.raw_sockets()
@@ -370,8 +373,9 @@ def _run(_args: argparse.Namespace, settings: Settings) -> int:
     )
     if raw is caps.RawSockets.NONE:
         log.warning("no raw sockets: SYN, UDP and OS scans will be refused; grant CAP_NET_RAW")
-    state = RedisState(redis_client(settings), settings.hostname, status_ttl=settings.status_ttl)
+    store = RedisStore(redis_client(settings), settings.hostname, status_ttl=settings.status_ttl)
     spool = deliverer = None
+    hub = ObserverHub()
     if settings.backend_base_url:
         spool = Spool(Path(settings.state_dir) / "spool")
         ledger = ScanLedger(
@@ -383,12 +387,12 @@ def _run(_args: argparse.Namespace, settings: Settings) -> int:
         deliverer = Deliverer(
             spool,
             ledger,
-            on_result=lambda e, err: on_delivered(state, e, err),
+            on_result=delivery_reporter(hub, time.time),
             backoff_max=settings.upload_backoff_max,
         )
     else:
         log.warning("BACKEND_BASE_URL is not set: results stay in %s/results", settings.state_dir)
     worker = Worker(
-        settings, engine=engine, state=state, notifier=Notifier(), spool=spool, deliverer=deliverer
+        settings, engine=engine, store=store, notifier=Notifier(), spool=spool, deliverer=deliverer, hub=hub
     )
     return worker.run()

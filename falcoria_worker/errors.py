@@ -58,3 +58,9 @@ class DeliveryRejected(WorkerError):
         super().__init__(f"ScanLedger answered {status}: {detail}")
         self.status = status
         self.detail = detail
+
+
+def describe(exc: BaseException) -> str:
+    """One short line for a log record or a STATUS text: a peer's error can be long and multi-line."""
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]

@@ -25,16 +25,6 @@ class ImportMode(StrEnum):
     APPEND = "append"
 
 
-class TaskState(StrEnum):
-    QUEUED = "queued"
-    RECEIVED = "received"
-    PORTS_SCAN = "ports_scan"
-    SERVICE_SCAN = "service_scan"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
 class Phase(StrEnum):
     PORTS = "ports_scan"
     SERVICES = "service_scan"

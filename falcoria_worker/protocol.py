@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from falcoria_worker.errors import Rejected
-from falcoria_worker.model import valid_task_id
+from falcoria_worker.model import ScanTask, parse_task, valid_task_id
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a real scan message is a few KiB; open_ports_str is capped at 64 KiB
 
@@ -139,3 +139,79 @@ def _kwargs(value: object) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise Rejected(f"task kwargs must be an object, got {type(value).__name__}", field="kwargs")
     return value
+
+
+SCAN_TASK = "project.nmap.scan"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One scan message as it came off the queue, decoded once: its bytes are kept, so it can be put back
+    on the queue unchanged, and its decoding is carried with it (through the lease, into recovery).
+
+    `task` is set for a valid scan task; otherwise `refusal` says why it is not one, or `name` is another
+    task's. `payload` is the undecoded task argument, whose fields name Tasker's keys even when invalid."""
+
+    body: str
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    task_id: str = ""  # a valid task id, or "" when the message has none
+    name: str = ""
+    task: ScanTask | None = None
+    refusal: str | None = None
+    payload: object = None
+
+    @classmethod
+    def from_kombu(cls, message: Any) -> Delivery:
+        body = message.body
+        return cls.decode(
+            body,
+            dict(message.headers or {}),
+            {
+                "content_type": message.content_type,
+                "content_encoding": message.content_encoding,
+                "correlation_id": message.properties.get("correlation_id"),
+                "reply_to": message.properties.get("reply_to"),
+                "priority": message.properties.get("priority", 0),
+            },
+        )
+
+    @classmethod
+    def decode(cls, body: bytes | str, headers: dict[str, Any], properties: dict[str, Any]) -> Delivery:
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+        kept = cls(text, headers, properties)
+        try:
+            decoded = decode_task_message(
+                headers, body, properties.get("content_type"), properties.get("content_encoding")
+            )
+        except Rejected as exc:
+            task_id = str(headers.get("id") or "")[:64]
+            return replace(kept, task_id=task_id if valid_task_id(task_id) else "", refusal=exc.reason)
+        kept = replace(kept, task_id=decoded.task_id, name=decoded.name)
+        if decoded.name != SCAN_TASK:
+            return kept
+        payload = decoded.args[0] if len(decoded.args) == 1 else None
+        try:
+            return replace(kept, task=parse_task(payload), payload=payload)
+        except Rejected as exc:
+            return replace(kept, refusal=exc.reason, payload=payload)
+
+    def dumps(self) -> str:
+        # AMQP headers may carry types JSON lacks (timestamps, decimals, bytes); Celery's own headers are
+        # JSON, so whatever else a publisher added is kept as text rather than refused.
+        return json.dumps(
+            {"body": self.body, "headers": self.headers, "properties": self.properties}, default=str
+        )
+
+    @classmethod
+    def loads(cls, text: str | bytes) -> Delivery:
+        """A delivery kept in a lease, decoded again the same way (its task is needed to finish it)."""
+        data = json.loads(text)
+        props = data["properties"]
+        props = {
+            **props,
+            "content_type": props.get("content_type") or "application/json",
+            "content_encoding": props.get("content_encoding") or "utf-8",
+        }
+        decoded = cls.decode(data["body"].encode("utf-8"), data["headers"], props)
+        return replace(decoded, properties=data["properties"])

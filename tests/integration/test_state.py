@@ -15,7 +15,7 @@ import redis
 
 from falcoria_worker import keys
 from falcoria_worker.model import ScanTask, parse_task
-from falcoria_worker.state import RedisState
+from falcoria_worker.redis_store import RedisStore
 from tests.support.services import RedisServer
 
 HOST = "scanner-1"
@@ -32,8 +32,8 @@ def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def state(r: redis.Redis) -> RedisState:
-    return RedisState(r, HOST, status_ttl=STATUS_TTL)
+def state(r: redis.Redis) -> RedisStore:
+    return RedisStore(r, HOST, status_ttl=STATUS_TTL)
 
 
 def make_task(open_ports_str: str = "1 22 55432 56379 58000", ip: str = "127.0.0.1") -> ScanTask:
@@ -69,7 +69,7 @@ def tasker_enqueue(r: redis.Redis, task_id: str, task: ScanTask) -> str:
 # ------------------------------------------------------------------ Tasker's keys and cleanup
 
 
-def test_after_cleanup_only_the_worker_key_remains(r: redis.Redis, state: RedisState) -> None:
+def test_after_cleanup_only_the_worker_key_remains(r: redis.Redis, state: RedisStore) -> None:
     """Mirror of the upstream [verified] fact: after a finished scan only worker:{host} remains."""
     task, task_id = make_task(), str(uuid.uuid4())
     lock = tasker_enqueue(r, task_id, task)
@@ -86,7 +86,7 @@ def test_after_cleanup_only_the_worker_key_remains(r: redis.Redis, state: RedisS
     assert sorted(r.keys("*")) == [f"worker:{HOST}"]
 
 
-def test_cleanup_of_one_task_leaves_other_tasks_alone(r: redis.Redis, state: RedisState) -> None:
+def test_cleanup_of_one_task_leaves_other_tasks_alone(r: redis.Redis, state: RedisStore) -> None:
     task_a, task_b = make_task("22"), make_task("80 443")
     id_a, id_b = str(uuid.uuid4()), str(uuid.uuid4())
     tasker_enqueue(r, id_a, task_a)
@@ -103,7 +103,7 @@ def test_cleanup_of_one_task_leaves_other_tasks_alone(r: redis.Redis, state: Red
     assert r.hgetall(f"running_tool:nmap:{HOST}") == {id_b: "2"}
 
 
-def test_cleanup_without_lock_keeps_a_newer_tasks_lock(r: redis.Redis, state: RedisState) -> None:
+def test_cleanup_without_lock_keeps_a_newer_tasks_lock(r: redis.Redis, state: RedisStore) -> None:
     task, task_id = make_task(), str(uuid.uuid4())
     lock = tasker_enqueue(r, task_id, task)
     state.cleanup(task_id, task, include_lock=False)
@@ -112,7 +112,7 @@ def test_cleanup_without_lock_keeps_a_newer_tasks_lock(r: redis.Redis, state: Re
     assert not r.sismember(f"project:{PROJECT}:task_ids", task_id)
 
 
-def test_cleanup_partial_of_a_rejected_payload(r: redis.Redis, state: RedisState) -> None:
+def test_cleanup_partial_of_a_rejected_payload(r: redis.Redis, state: RedisStore) -> None:
     task, task_id = make_task("22"), str(uuid.uuid4())
     tasker_enqueue(r, task_id, task)
     payload = {
@@ -129,7 +129,7 @@ def test_cleanup_partial_of_a_rejected_payload(r: redis.Redis, state: RedisState
 
 @pytest.mark.parametrize("payload", [None, [], "text", {"project": 5, "user": "x"}, {"ip": "1.2.3.4"}])
 def test_cleanup_partial_of_garbage_removes_what_it_can(
-    r: redis.Redis, state: RedisState, payload: Any
+    r: redis.Redis, state: RedisStore, payload: Any
 ) -> None:
     task_id = str(uuid.uuid4())
     r.hset(f"task:{task_id}:metadata:nmap", mapping={"ip": "x", "ports": "y"})
@@ -137,7 +137,7 @@ def test_cleanup_partial_of_garbage_removes_what_it_can(
     assert not r.exists(f"task:{task_id}:metadata:nmap")
 
 
-def test_running_entry_is_taskers_running_nmap_target(r: redis.Redis, state: RedisState) -> None:
+def test_running_entry_is_taskers_running_nmap_target(r: redis.Redis, state: RedisStore) -> None:
     task, task_id = make_task(), str(uuid.uuid4())
     state.mark_running(task_id, task, started_at=1_700_000_123, worker=f"worker1@{HOST}")
     state.mark_running(task_id, task, started_at=1_700_000_124, worker=f"worker1@{HOST}")  # redelivered
@@ -154,7 +154,7 @@ def test_running_entry_is_taskers_running_nmap_target(r: redis.Redis, state: Red
     assert r.ttl(f"running:task:{task_id}:host:{HOST}") == -1
 
 
-def test_pid_is_written_where_upstream_cancel_reads_it(r: redis.Redis, state: RedisState) -> None:
+def test_pid_is_written_where_upstream_cancel_reads_it(r: redis.Redis, state: RedisStore) -> None:
     state.set_pid("t1", 4242)
     assert r.hget(f"running_tool:nmap:{HOST}", "t1") == "4242"
     r.hset(f"running:tool:nmap:host:{HOST}", "t1", 1)
@@ -162,7 +162,7 @@ def test_pid_is_written_where_upstream_cancel_reads_it(r: redis.Redis, state: Re
     assert not r.exists(f"running_tool:nmap:{HOST}", f"running:tool:nmap:host:{HOST}")
 
 
-def test_clear_running_keeps_taskers_keys(r: redis.Redis, state: RedisState) -> None:
+def test_clear_running_keeps_taskers_keys(r: redis.Redis, state: RedisStore) -> None:
     task, task_id = make_task(), str(uuid.uuid4())
     lock = tasker_enqueue(r, task_id, task)
     state.mark_running(task_id, task, started_at=1)
@@ -173,14 +173,14 @@ def test_clear_running_keeps_taskers_keys(r: redis.Redis, state: RedisState) -> 
     assert r.sismember(f"project:{PROJECT}:task_ids", task_id)
 
 
-def test_metadata_exists(r: redis.Redis, state: RedisState) -> None:
+def test_metadata_exists(r: redis.Redis, state: RedisStore) -> None:
     task, task_id = make_task(), str(uuid.uuid4())
     assert not state.metadata_exists(task_id)
     tasker_enqueue(r, task_id, task)
     assert state.metadata_exists(task_id)
 
 
-def test_tasker_stopped_needs_both_metadata_and_lock_gone(r: redis.Redis, state: RedisState) -> None:
+def test_tasker_stopped_needs_both_metadata_and_lock_gone(r: redis.Redis, state: RedisStore) -> None:
     task, task_id = make_task(), str(uuid.uuid4())
     lock = keys.lock_key(PROJECT, task.ip, task.open_ports_str)
     r.set(lock, "1", ex=130)  # Tasker locked and published, its metadata write still on its way
@@ -192,7 +192,7 @@ def test_tasker_stopped_needs_both_metadata_and_lock_gone(r: redis.Redis, state:
     assert state.tasker_stopped(task_id, task)
 
 
-def test_refresh_lock_extends_but_never_shortens_or_creates(r: redis.Redis, state: RedisState) -> None:
+def test_refresh_lock_extends_but_never_shortens_or_creates(r: redis.Redis, state: RedisStore) -> None:
     task = make_task()
     lock = keys.lock_key(PROJECT, task.ip, task.open_ports_str)
     state.refresh_lock(task, ttl=600)
@@ -208,7 +208,7 @@ def test_refresh_lock_extends_but_never_shortens_or_creates(r: redis.Redis, stat
     assert r.ttl(lock) == -1
 
 
-def test_register_ip_keeps_taskers_last_seen(r: redis.Redis, state: RedisState) -> None:
+def test_register_ip_keeps_taskers_last_seen(r: redis.Redis, state: RedisStore) -> None:
     r.hset(f"worker:{HOST}", "last_seen", 5)
     r.expire(f"worker:{HOST}", 90)
     state.register_ip("192.0.2.2")
@@ -221,7 +221,7 @@ def test_register_ip_keeps_taskers_last_seen(r: redis.Redis, state: RedisState) 
 # ------------------------------------------------------------------ status and markers
 
 
-def test_status_hash_fields_and_ttl(r: redis.Redis, state: RedisState) -> None:
+def test_status_hash_fields_and_ttl(r: redis.Redis, state: RedisStore) -> None:
     state.set_status("t1", "received", worker=f"worker1@{HOST}")
     state.set_status("t1", "ports_scan", phase="ports_scan", percent=37.5)
     status = state.get_status("t1")
@@ -247,7 +247,7 @@ def test_status_hash_fields_and_ttl(r: redis.Redis, state: RedisState) -> None:
 
 
 def test_revoked_and_delivered_markers_expire(r: redis.Redis) -> None:
-    state = RedisState(r, HOST, status_ttl=STATUS_TTL, marker_ttl=120)
+    state = RedisStore(r, HOST, status_ttl=STATUS_TTL, marker_ttl=120)
     assert not state.is_revoked("a")
     state.mark_revoked(["a", "b"])
     state.mark_revoked([])
@@ -263,7 +263,7 @@ def test_revoked_and_delivered_markers_expire(r: redis.Redis) -> None:
 # ------------------------------------------------------------------ leases
 
 
-def test_claim_heartbeat_release(r: redis.Redis, state: RedisState) -> None:
+def test_claim_heartbeat_release(r: redis.Redis, state: RedisStore) -> None:
     assert state.claim("t1", "A", 60, "message-1", 3, now=1000) == "claimed"
     assert state.claim("t1", "B", 60, "message-1", 3, now=1010) == "busy"
     assert state.claim("t1", "A", 60, "message-1", 3, now=1010) == "busy"  # a duplicate delivery to us
@@ -279,19 +279,19 @@ def test_claim_heartbeat_release(r: redis.Redis, state: RedisState) -> None:
 
 
 def test_lease_keeps_bytes_messages_and_has_a_retention_ttl(r: redis.Redis) -> None:
-    state = RedisState(r, HOST, status_ttl=STATUS_TTL, marker_ttl=500)
+    state = RedisStore(r, HOST, status_ttl=STATUS_TTL, marker_ttl=500)
     assert state.claim("t1", "A", 60, b'{"body": "\\u00e9"}', 3) == "claimed"
     assert state.lease_message("t1") == '{"body": "\\u00e9"}'
     assert 0 < r.ttl("fw:lease:t1") <= 500
 
 
-def test_heartbeat_after_losing_the_lease(state: RedisState) -> None:
+def test_heartbeat_after_losing_the_lease(state: RedisStore) -> None:
     assert state.claim("t1", "A", 60, "m", 5, now=0) == "claimed"
     assert state.claim("t2", "A", 60, "m2", 5, now=0) == "claimed"
     # A froze; at t=100 the sweep of B finds t1 expired and re-publishes it; B then claims it.
     assert state.expired(100) == ["t1", "t2"]
-    assert state.reclaim("t1", None, 100) == "m"
-    assert state.reclaim("t1", None, 100) is None  # already taken
+    assert state.requeue_lease("t1", None, 100) == "m"
+    assert state.requeue_lease("t1", None, 100) is None  # already taken
     assert state.claim("t1", "B", 60, "m", 5, now=101) == "claimed"
     # A wakes up: t1 is lost, t2 (expired but untouched) is still A's.
     assert state.heartbeat(["t1", "t2"], "A", 60, now=102) == ["t1"]
@@ -301,36 +301,36 @@ def test_heartbeat_after_losing_the_lease(state: RedisState) -> None:
     assert not state.release("t1", "A")
 
 
-def test_reclaim_refuses_a_live_lease_of_another_owner(state: RedisState) -> None:
+def test_requeue_lease_refuses_a_live_lease_of_another_owner(state: RedisStore) -> None:
     assert state.claim("t1", "A", 60, "m", 3, now=0) == "claimed"
-    assert state.reclaim("t1", None, 30) is None
-    assert state.reclaim("t1", "B", 30) is None
-    assert state.reclaim("never-claimed", None, 30) is None
+    assert state.requeue_lease("t1", None, 30) is None
+    assert state.requeue_lease("t1", "B", 30) is None
+    assert state.requeue_lease("never-claimed", None, 30) is None
     # The owner restarting recovers its own live lease at once.
-    assert state.reclaim("t1", "A", 30) == "m"
+    assert state.requeue_lease("t1", "A", 30) == "m"
     assert state.owned_by("A") == []
     assert state.expired(30 + 3599) == []  # released: waiting to be claimed again
 
 
-def test_lost_republish_is_taken_back_after_the_grace(state: RedisState) -> None:
+def test_lost_requeue_is_taken_back_after_the_grace(state: RedisStore) -> None:
     assert state.claim("t1", "A", 60, "m", 3, now=0) == "claimed"
-    assert state.reclaim("t1", None, 100, republish_grace=500) == "m"
+    assert state.requeue_lease("t1", None, 100, requeue_grace=500) == "m"
     # The sweeper died before its publish reached the broker: nobody claims t1.
-    assert state.reclaim("t1", None, 599, republish_grace=500) is None
+    assert state.requeue_lease("t1", None, 599, requeue_grace=500) is None
     assert state.expired(601) == ["t1"]
-    assert state.reclaim("t1", None, 601, republish_grace=500) == "m"
+    assert state.requeue_lease("t1", None, 601, requeue_grace=500) == "m"
     # Once claimed again, the re-publish deadline is gone.
     assert state.claim("t1", "B", 60, "m", 3, now=602) == "claimed"
-    assert state.reclaim("t1", None, 650, republish_grace=500) is None
+    assert state.requeue_lease("t1", None, 650, requeue_grace=500) is None
 
 
-def test_poison_after_max_attempts(r: redis.Redis, state: RedisState) -> None:
+def test_poison_after_max_attempts(r: redis.Redis, state: RedisStore) -> None:
     now = 0.0
     for attempt in range(1, 4):
         assert state.claim("t1", f"W{attempt}", 60, "m", 3, now=now) == "claimed"
         assert r.hget("fw:lease:t1", "attempts") == str(attempt)
         now += 100  # the worker died: the lease expires and a sweep re-publishes the message
-        assert state.reclaim("t1", None, now) == "m"
+        assert state.requeue_lease("t1", None, now) == "m"
     assert state.claim("t1", "W4", 60, "m", 3, now=now) == "poison"
     assert state.expired(10**10) == []
     assert state.claim("t1", "W5", 60, "m", 3, now=now) == "poison"  # still poison, not claimable
@@ -338,7 +338,7 @@ def test_poison_after_max_attempts(r: redis.Redis, state: RedisState) -> None:
     assert r.keys("fw:*") == []
 
 
-def test_expired_lease_redelivered_directly_counts_an_attempt(r: redis.Redis, state: RedisState) -> None:
+def test_expired_lease_redelivered_directly_counts_an_attempt(r: redis.Redis, state: RedisStore) -> None:
     # The broker redelivered the message itself (the worker died before its ack) after the lease ran out.
     assert state.claim("t1", "A", 60, "m", 2, now=0) == "claimed"
     assert state.claim("t1", "B", 60, "m", 2, now=61) == "claimed"
@@ -364,7 +364,7 @@ def _race(workers: int, attempt: Callable[[int], Any], redis_server: RedisServer
 
 
 def test_concurrent_claims_have_exactly_one_winner(redis_server: RedisServer, r: redis.Redis) -> None:
-    states = [RedisState(redis_server.client(), HOST, status_ttl=STATUS_TTL) for _ in range(8)]
+    states = [RedisStore(redis_server.client(), HOST, status_ttl=STATUS_TTL) for _ in range(8)]
     for round_no in range(25):
         task_id = f"race-{round_no}"
         results = _race(8, lambda i, t=task_id: states[i].claim(t, f"owner-{i}", 60, "m", 3), redis_server)
@@ -376,12 +376,12 @@ def test_concurrent_claims_have_exactly_one_winner(redis_server: RedisServer, r:
         s.r.close()
 
 
-def test_concurrent_reclaims_hand_out_the_message_once(redis_server: RedisServer, r: redis.Redis) -> None:
-    states = [RedisState(redis_server.client(), HOST, status_ttl=STATUS_TTL) for _ in range(8)]
+def test_concurrent_requeues_hand_out_the_message_once(redis_server: RedisServer, r: redis.Redis) -> None:
+    states = [RedisStore(redis_server.client(), HOST, status_ttl=STATUS_TTL) for _ in range(8)]
     for round_no in range(25):
         task_id = f"race-{round_no}"
         assert states[0].claim(task_id, "dead", 60, f"m{round_no}", 3, now=0) == "claimed"
-        results = _race(8, lambda i, t=task_id: states[i].reclaim(t, None, 1000), redis_server)
+        results = _race(8, lambda i, t=task_id: states[i].requeue_lease(t, None, 1000), redis_server)
         assert [m for m in results if m is not None] == [f"m{round_no}"]
     for s in states:
         s.r.close()
@@ -390,7 +390,7 @@ def test_concurrent_reclaims_hand_out_the_message_once(redis_server: RedisServer
 # ------------------------------------------------------------------ a Redis restart
 
 
-def test_state_survives_a_redis_restart(redis_server: RedisServer, r: redis.Redis, state: RedisState) -> None:
+def test_state_survives_a_redis_restart(redis_server: RedisServer, r: redis.Redis, state: RedisStore) -> None:
     assert state.claim("t1", "A", 60, "m", 3, now=0) == "claimed"
     redis_server.restart(keep_data=True)
     # The same client reconnects, and the scripts are loaded again (EVALSHA falls back to EVAL).
@@ -401,7 +401,7 @@ def test_state_survives_a_redis_restart(redis_server: RedisServer, r: redis.Redi
     assert state.claim("t1", "A", 60, "m", 3, now=20) == "claimed"
 
 
-def test_flush_brings_back_a_stopped_server(redis_server: RedisServer, state: RedisState) -> None:
+def test_flush_brings_back_a_stopped_server(redis_server: RedisServer, state: RedisStore) -> None:
     redis_server.stop()
     with pytest.raises(redis.ConnectionError):
         state.ping()

@@ -20,7 +20,7 @@ from kombu.pidbox import Mailbox
 from falcoria_worker.errors import Rejected
 from falcoria_worker.model import parse_cancel, parse_task
 from falcoria_worker.protocol import decode_task_message
-from falcoria_worker.state import RedisState
+from falcoria_worker.redis_store import RedisStore
 from tests.support.services import RabbitMQ, RedisServer
 from tests.support.tasker import (
     CANCEL_EXCHANGE,
@@ -373,7 +373,7 @@ def test_stop_project_mirrors_taskers_revoke(
 def test_status_counts_what_the_worker_writes(tasker: Tasker, redis_server: RedisServer) -> None:
     project, user = uuid.uuid4(), uuid.uuid4()
     task_id = tasker.send_scan(project=project, user={"id": user, "username": "admin"}, hostnames=["a.test"])
-    state = RedisState(redis_server.client(), HOST, status_ttl=60)
+    state = RedisStore(redis_server.client(), HOST, status_ttl=60)
     message_task = parse_task(
         {
             "ip": "127.0.0.1",

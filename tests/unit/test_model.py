@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from falcoria_worker.errors import Rejected
+from falcoria_worker.lifecycle import TaskStatus as TaskState
 from falcoria_worker.model import (
     ImportMode,
     Phase,
     ScanTask,
-    TaskState,
     TaskUser,
     parse_cancel,
     parse_task,

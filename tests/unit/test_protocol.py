@@ -191,7 +191,7 @@ def test_bad_headers_are_refused(headers: dict) -> None:
 
 def test_a_message_as_celery_sends_it_round_trips() -> None:
     # The test Tasker builds messages exactly as Celery's send_task does (checked against Celery itself
-    # in tests/integration/test_tasker_wire.py); the worker re-publishes raw messages, so it encodes none.
+    # in tests/integration/test_tasker_wire.py); the worker requeues raw messages, so it encodes none.
     body, headers, props = celery_message(
         "project.nmap.scan", TASK_ID, [TASK_ARGS], origin="gen4242@tasker", reply_to="r-1"
     )

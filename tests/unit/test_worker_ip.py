@@ -1,4 +1,4 @@
-"""netaddr.py: /proc route parsing on captured text, the UDP-connect source lookup, and the echo URL."""
+"""worker_ip.py: /proc route parsing on captured text, the UDP-connect source lookup, and the echo URL."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from falcoria_worker.netaddr import default_gateway_v4, default_gateway_v6, default_route_source_ip, echo_ip
+from falcoria_worker.worker_ip import default_gateway_v4, default_gateway_v6, default_route_source_ip, echo_ip
 
 # Captured on a Debian 12 VM: `default via 192.0.2.1 dev eth0`, `192.0.2.0/24 dev eth0 src 192.0.2.2`.
 ROUTE_V4 = """\

@@ -11,10 +11,15 @@ service of their own.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 from pathlib import Path
 
 import requests
+
+from falcoria_worker.config import Settings
+
+log = logging.getLogger(__name__)
 
 _RTF_UP = 0x0001
 _RTF_GATEWAY = 0x0002
@@ -120,3 +125,16 @@ def echo_ip(url: str, timeout: float) -> str:
         return ipaddress.ip_address(text).compressed
     except ValueError:
         raise ValueError(f"IP echo reply is not an IP address: {text[:60]!r}") from None
+
+
+def current_ip(settings: Settings) -> str | None:
+    """The IP Tasker shows for this worker: configured, else the operator's echo URL, else the local
+    source address of the default route. Never a third-party service."""
+    if settings.worker_ip:
+        return str(settings.worker_ip)
+    if settings.ip_echo_url:
+        try:
+            return echo_ip(settings.ip_echo_url, timeout=5.0)
+        except Exception as exc:  # an echo outage must not stop registration: fall back to the route
+            log.warning("IP echo URL failed (%s); using the default route's source address", exc)
+    return default_route_source_ip()

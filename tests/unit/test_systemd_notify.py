@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from falcoria_worker.service import Notifier
+from falcoria_worker.systemd_notify import Notifier
 
 
 class NotifySocket:

@@ -3,11 +3,13 @@ the worker IP, and the leases of the consumer loop. Every method is one round tr
 or a Lua script), so a half-applied change is never visible to Tasker or to another instance.
 
 Leases (`fw:lease:{id}` HASH + `fw:leases` ZSET of deadlines). An instance claims a task before it acks the
-message; the lease holds the raw message, so a task whose worker dies is re-published from Redis, not lost:
+message; the lease holds the raw message, so a task whose worker dies is requeued from Redis, not lost.
+The lease's own `state` field (held, released, poison) is called its hold in the code, so as not to be
+taken for the task's status:
 
     (absent) --claim--> held(owner, deadline, attempts=1) --heartbeat--> held(deadline extended)
     held --release(owner)--> (absent)                        the task is finished
-    held, deadline passed or owner restarting --reclaim--> released (message returned for re-publishing)
+    held, deadline passed or owner restarting --requeue_lease--> released (message returned for the requeue)
     released or expired --claim--> held(attempts+1), or poison once attempts > max_attempts
 
 Deadlines are unix seconds from the caller's clock: instances sharing a Redis need clocks that agree to
@@ -30,15 +32,17 @@ from falcoria_worker import keys
 from falcoria_worker.config import Settings, redis_kwargs
 from falcoria_worker.model import ScanTask
 
+METADATA_GRACE = 3.0  # seconds to wait for Tasker's tracking keys, written right after it publishes
+
 ClaimResult = Literal["claimed", "busy", "poison"]
 
 # KEYS: lease, leases-zset. ARGV: task_id, owner, now, ttl, message, max_attempts, retention.
 # A live lease of anyone (us included: a duplicate delivery of a task we run) makes the message a
 # duplicate; an expired or released one is a redelivery and counts an attempt.
 _CLAIM = """
-local state = redis.call('HGET', KEYS[1], 'state')
+local hold = redis.call('HGET', KEYS[1], 'state')
 local now = tonumber(ARGV[3])
-if state == 'held' and tonumber(redis.call('HGET', KEYS[1], 'deadline')) > now then
+if hold == 'held' and tonumber(redis.call('HGET', KEYS[1], 'deadline')) > now then
   return 'busy'
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') + 1
@@ -63,8 +67,8 @@ local deadline = tonumber(ARGV[2]) + tonumber(ARGV[3])
 local lost = {}
 for i = 2, #KEYS do
   local id = ARGV[i + 2]
-  local owner, state = unpack(redis.call('HMGET', KEYS[i], 'owner', 'state'))
-  if owner == ARGV[1] and state == 'held' then
+  local owner, hold = unpack(redis.call('HMGET', KEYS[i], 'owner', 'state'))
+  if owner == ARGV[1] and hold == 'held' then
     redis.call('HSET', KEYS[i], 'deadline', deadline)
     redis.call('ZADD', KEYS[1], deadline, id)
   else
@@ -85,25 +89,25 @@ return 1
 """
 
 # KEYS: lease, leases-zset. ARGV: task_id, now, owner_hint ('' for none).
-_RECLAIM = """
-local owner, state, deadline = unpack(redis.call('HMGET', KEYS[1], 'owner', 'state', 'deadline'))
-if state ~= 'held' and state ~= 'released' then
+_REQUEUE_LEASE = """
+local owner, hold, deadline = unpack(redis.call('HMGET', KEYS[1], 'owner', 'state', 'deadline'))
+if hold ~= 'held' and hold ~= 'released' then
   return false
 end
-if tonumber(deadline) > tonumber(ARGV[2]) and (state == 'released' or ARGV[3] == '' or owner ~= ARGV[3]) then
+if tonumber(deadline) > tonumber(ARGV[2]) and (hold == 'released' or ARGV[3] == '' or owner ~= ARGV[3]) then
   return false
 end
--- Released, but still indexed with a re-publish deadline: if the re-publish is lost (the instance dies
--- before it reaches the broker) and nobody claims the task by then, a sweep re-publishes it again.
-local republish_by = tonumber(ARGV[2]) + tonumber(ARGV[4])
+-- Released, but still indexed with a requeue deadline: if the requeue is lost (the instance dies
+-- before it reaches the broker) and nobody claims the task by then, a sweep requeues it again.
+local requeue_by = tonumber(ARGV[2]) + tonumber(ARGV[4])
 if ARGV[5] == '1' then
-  -- handed back by a stopping worker: not the task's fault, so the attempt does not count
+  -- requeued by a stopping worker: not the task's fault, so the attempt does not count
   local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1')
   redis.call('HSET', KEYS[1], 'attempts', math.max(attempts - 1, 0))
 end
-redis.call('HSET', KEYS[1], 'state', 'released', 'deadline', republish_by)
+redis.call('HSET', KEYS[1], 'state', 'released', 'deadline', requeue_by)
 redis.call('HDEL', KEYS[1], 'owner')
-redis.call('ZADD', KEYS[2], republish_by, ARGV[1])
+redis.call('ZADD', KEYS[2], requeue_by, ARGV[1])
 return redis.call('HGET', KEYS[1], 'message')
 """
 
@@ -151,7 +155,7 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class RedisState:
+class RedisStore:
     def __init__(
         self, client: redis.Redis, hostname: str, *, status_ttl: int, marker_ttl: int | None = None
     ) -> None:
@@ -163,7 +167,7 @@ class RedisState:
         self._claim = client.register_script(_CLAIM)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._release = client.register_script(_RELEASE)
-        self._reclaim = client.register_script(_RECLAIM)
+        self._requeue_lease = client.register_script(_REQUEUE_LEASE)
         self._owned_by = client.register_script(_OWNED_BY)
         self._refresh_lock = client.register_script(_REFRESH_LOCK)
 
@@ -198,8 +202,8 @@ class RedisState:
             pipe.execute()
 
     def clear_running(self, task_id: str) -> None:
-        """Remove only this instance's traces of a task (running entry, PIDs): for a task handed back to
-        the queue or taken over by another instance, whose Tasker keys must stay."""
+        """Remove only this instance's traces of a task (running entry, PIDs): for a task requeued or
+        taken over by another instance, whose Tasker keys must stay."""
         with self.r.pipeline(transaction=True) as pipe:
             pipe.delete(keys.running_task_key(task_id, self.hostname))
             pipe.hdel(keys.pid_hash_key(self.hostname), task_id)
@@ -398,30 +402,46 @@ class RedisState:
     def expired(self, now: float) -> list[str]:
         return [_text(i) for i in self.r.zrangebyscore(keys.LEASES_KEY, "-inf", now)]
 
-    def reclaim(
+    def requeue_lease(
         self,
         task_id: str,
         owner_hint: str | None,
         now: float,
-        republish_grace: float = 3600.0,
+        requeue_grace: float = 3600.0,
         *,
         refund: bool = False,
     ) -> str | None:
         """Take back a held lease that expired, or any held lease of `owner_hint` (an instance recovering
-        its own tasks after a restart), and return its message for re-publishing. Atomic: of several
+        its own tasks after a restart), and return its message for the requeue. Atomic: of several
         instances sweeping the same expired lease, exactly one gets the message. A released lease that
-        nobody claimed within `republish_grace` seconds is taken back again (its re-publish was lost);
-        the grace is long because a re-published task may wait in a busy queue for a while. `refund`
-        takes back the attempt the claim counted (a hand-back at shutdown is not the task's fault)."""
-        message = self._reclaim(
+        nobody claimed within `requeue_grace` seconds is taken back again (its requeue was lost);
+        the grace is long because a requeued task may wait in a busy queue for a while. `refund`
+        takes back the attempt the claim counted (a requeue at shutdown is not the task's fault)."""
+        message = self._requeue_lease(
             keys=[keys.lease_key(task_id), keys.LEASES_KEY],
-            args=[task_id, repr(now), owner_hint or "", repr(republish_grace), "1" if refund else "0"],
+            args=[task_id, repr(now), owner_hint or "", repr(requeue_grace), "1" if refund else "0"],
         )
         return None if message is None else _text(message)
 
     def owned_by(self, owner: str) -> list[str]:
         ids = self._owned_by(keys=[keys.LEASES_KEY], args=[owner, keys.lease_key("")])
         return [_text(i) for i in ids]
+
+    def await_tracking(self, task_id: str, task: ScanTask | None, grace: float = METADATA_GRACE) -> bool:
+        """Tasker takes its lock, publishes, and only then writes the metadata and the task sets, so a
+        quick worker can get here first. Wait briefly for them, so that our cleanup never runs before
+        Tasker's writes (which would leave Tasker counting the task forever). No wait when Tasker has
+        clearly stopped the task (metadata and lock both gone) or the publisher is not Tasker. False when
+        the grace ran out without either."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if self.metadata_exists(task_id):
+                return True
+            if task is not None and self.tasker_stopped(task_id, task):
+                return True  # nothing more will come: Tasker's stop removed its keys
+            # Without a parsed task there is no lock to look at: only the metadata can end the wait.
+            time.sleep(0.005 if task is not None else 0.05)
+        return False
 
     def lease_message(self, task_id: str) -> str | None:
         message = self.r.hget(keys.lease_key(task_id), "message")
