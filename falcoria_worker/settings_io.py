@@ -7,7 +7,8 @@ Layers, lowest first (a key takes its value from the highest layer that names it
     worker@<i>.conf    /etc/falcoria-worker/worker@<INSTANCE>.conf (optional)
     --config FILE      each extra file, in the order given (must exist)
     env                environment variables whose upper-cased name is a known setting
-    credential         $CREDENTIALS_DIRECTORY/<lower-case key> (systemd LoadCredential=)
+    credential         $CREDENTIALS_DIRECTORY/<lower-case key> (systemd LoadCredential=); for the TLS
+                       client certificate and key settings, the path of that file
     --set KEY=VALUE    command-line overrides
     --instance         the instance name the unit passes (%i)
 
@@ -242,6 +243,13 @@ def _credential_layer(environ: Mapping[str, str]) -> _Layer:
             value = _read_secret(Path(directory) / name, key)
             if value is not None:
                 layer[key] = _Entry(value, "credential")
+                break
+    # TLS certificates and keys are handed to the TLS library as files: the credential's path is the value.
+    for key in config.TLS_FILE_KEYS:
+        for name in (key.lower(), _CREDENTIAL_PREFIX + key.lower()):
+            path = Path(directory) / name
+            if path.is_file():
+                layer[key] = _Entry(str(path), "credential")
                 break
     return layer
 
