@@ -882,7 +882,7 @@ class Worker:
 
     def _recover_expired(self) -> None:
         # Only leases expired for a whole period: a live owner that was briefly slow renews in time.
-        for task_id in self.state.expired(time.time() - self.settings.lease_ttl):
+        for task_id in self.state.expired(self.state.now() - self.settings.lease_ttl):
             if task_id in self.running:
                 continue
             self._republish_lease(task_id, owner_hint=None)
@@ -918,9 +918,7 @@ class Worker:
                 self._republish_lease(task_id, owner_hint=self.owner)
 
     def _republish_lease(self, task_id: str, owner_hint: str | None, *, refund: bool = False) -> None:
-        text = self.state.reclaim(
-            task_id, owner_hint, time.time(), republish_grace=REPUBLISH_GRACE, refund=refund
-        )
+        text = self.state.reclaim(task_id, owner_hint, republish_grace=REPUBLISH_GRACE, refund=refund)
         if text is None:
             return
         self._pending_republish.append((task_id, RawMessage.loads(text)))
