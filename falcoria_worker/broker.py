@@ -30,11 +30,28 @@ BROADCAST_ROUTING_KEY = "celery"
 PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 
+def tls_options(settings: Settings) -> dict[str, object] | bool:
+    """kombu's `ssl=` argument: False for plain AMQP, else the options py-amqp wraps its socket with.
+
+    py-amqp ignores an SSLContext passed here (it only reads a dict), and checks the host name only when
+    it is given `server_hostname`: without it a certificate issued to any other host would pass."""
+    if not settings.rabbitmq_ssl:
+        return False
+    options: dict[str, object] = {
+        "server_hostname": settings.rabbitmq_host,
+        "cert_reqs": ssl.CERT_REQUIRED,
+    }
+    if settings.rabbitmq_ssl_certfile:
+        options["certfile"] = str(settings.rabbitmq_ssl_certfile)
+        if settings.rabbitmq_ssl_keyfile:
+            options["keyfile"] = str(settings.rabbitmq_ssl_keyfile)
+    return options
+
+
 def connect(settings: Settings, *, heartbeat: int = 30) -> Connection:
     """A connected broker connection; raises kombu's OperationalError when the broker is unreachable."""
-    # amqps: certificate and host name verified against the system's CAs.
-    tls = ssl.create_default_context() if settings.rabbitmq_ssl else False
-    conn = Connection(broker_url(settings), heartbeat=heartbeat, connect_timeout=5, ssl=tls)
+    # amqps: certificate and host name verified against the system's CAs ($SSL_CERT_FILE if set).
+    conn = Connection(broker_url(settings), heartbeat=heartbeat, connect_timeout=5, ssl=tls_options(settings))
     conn.ensure_connection(max_retries=1)
     return conn
 

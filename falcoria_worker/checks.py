@@ -64,10 +64,29 @@ def _state_dir(settings: Settings) -> tuple[bool, str]:
     return True, f"{path} writable"
 
 
+def _client_certificate_hint(exc: BaseException, key: str, tls: bool, certfile: object) -> str:
+    """A TLS server that wants a client certificate and gets none often just closes the connection
+    (TLS 1.3 refuses after the handshake): say what that usually means instead of a bare EOF."""
+    if not tls or certfile:
+        return ""
+    text = str(exc).lower()
+    if "certificate" in text or not any(s in text for s in ("eof occurred", "reset by peer", "_ssl.c")):
+        return ""
+    return f" (the server closed the TLS connection: if it requires a client certificate, set {key})"
+
+
 def _redis(settings: Settings) -> tuple[bool, str]:
     from falcoria_worker.redis_store import redis_client
 
-    redis_client(settings).ping()
+    try:
+        redis_client(settings).ping()
+    except Exception as exc:
+        hint = _client_certificate_hint(
+            exc, "REDIS_SSL_CERTFILE", settings.redis_ssl, settings.redis_ssl_certfile
+        )
+        if not hint:
+            raise
+        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0]}{hint}"
     return True, f"{settings.redis_host}:{settings.redis_port} db {settings.redis_db} answers"
 
 
@@ -77,7 +96,16 @@ def _rabbitmq(settings: Settings) -> tuple[bool, str]:
     from falcoria_worker import broker
 
     where = f"{settings.rabbitmq_host}:{settings.rabbitmq_port} vhost {settings.rabbitmq_vhost}"
-    with broker.connect(settings) as conn:
+    try:
+        conn = broker.connect(settings)
+    except Exception as exc:
+        hint = _client_certificate_hint(
+            exc, "RABBITMQ_SSL_CERTFILE", settings.rabbitmq_ssl, settings.rabbitmq_ssl_certfile
+        )
+        if not hint:
+            raise
+        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0]}{hint}"
+    with conn:
         try:
             # passive: a health check must not create Tasker's queue
             _name, messages, consumers = conn.channel().queue_declare(

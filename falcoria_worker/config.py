@@ -39,6 +39,8 @@ class Settings:
     rabbitmq_password: str = field(repr=False)
     rabbitmq_vhost: str
     rabbitmq_ssl: bool
+    rabbitmq_ssl_certfile: Path | None  # a client certificate, for brokers that require one
+    rabbitmq_ssl_keyfile: Path | None
     exchange_name: str
     exchange_type: str
     nmap_scan_queue_name: str
@@ -51,6 +53,8 @@ class Settings:
     redis_db: int
     redis_pass: str = field(repr=False)
     redis_ssl: bool
+    redis_ssl_certfile: Path | None
+    redis_ssl_keyfile: Path | None
     # ScanLedger.
     backend_base_url: str | None
     worker_backend_token: str = field(repr=False)
@@ -353,6 +357,8 @@ _KEYS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "RABBITMQ_PASSWORD": ("", _printable),
     "RABBITMQ_VHOST": ("/", _printable),
     "RABBITMQ_SSL": ("false", _bool),
+    "RABBITMQ_SSL_CERTFILE": ("", _optional_path),
+    "RABBITMQ_SSL_KEYFILE": ("", _optional_path),
     "EXCHANGE_NAME": ("nmap_exchange", _amqp_name),
     "EXCHANGE_TYPE": ("topic", _exchange_type),
     "NMAP_SCAN_QUEUE_NAME": ("nmap_scan_queue", _amqp_name),
@@ -365,6 +371,8 @@ _KEYS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "REDIS_DB": ("3", _int_between(0, None)),
     "REDIS_PASS": ("", _printable),
     "REDIS_SSL": ("false", _bool),
+    "REDIS_SSL_CERTFILE": ("", _optional_path),
+    "REDIS_SSL_KEYFILE": ("", _optional_path),
     "BACKEND_BASE_URL": ("", _url),
     "WORKER_BACKEND_TOKEN": ("", _printable),
     "SCANLEDGER_CA_BUNDLE": ("", _optional_path),
@@ -406,6 +414,15 @@ DEFAULTS: Mapping[str, str] = {key: default for key, (default, _) in _KEYS.items
 SECRET_KEYS: frozenset[str] = frozenset({"RABBITMQ_PASSWORD", "REDIS_PASS", "WORKER_BACKEND_TOKEN"})
 # <KEY>_FILE names a file holding the secret (settings_io reads it; parse() never sees these keys).
 FILE_KEYS: Mapping[str, str] = {f"{key}_FILE": key for key in sorted(SECRET_KEYS)}
+# Paths of TLS client certificates and their private keys. A private key is a secret kept in a file: a
+# systemd credential of the key's lower-case name supplies the path (settings_io), so the key can stay
+# readable by root only and reach the worker through LoadCredential= like the passwords do.
+TLS_FILE_KEYS: tuple[str, ...] = (
+    "RABBITMQ_SSL_CERTFILE",
+    "RABBITMQ_SSL_KEYFILE",
+    "REDIS_SSL_CERTFILE",
+    "REDIS_SSL_KEYFILE",
+)
 
 # Where settings come from, lowest first: a key takes its value from the last layer that names it.
 # settings_io.load() merges its layers in this order and the settings reference lists it from here, so
@@ -466,8 +483,27 @@ def parse(values: Mapping[str, str]) -> Settings:
             "is empty while BACKEND_BASE_URL is set",
             "put ScanLedger's token in /etc/falcoria-worker/credentials/worker_backend_token",
         )
+    for service in ("RABBITMQ", "REDIS"):
+        _check_client_certificate(service, typed)
     typed["unknown_keys"] = tuple(sorted(set(values) - set(_KEYS)))
     return Settings(**typed)  # type: ignore[arg-type]
+
+
+def _check_client_certificate(service: str, typed: Mapping[str, object]) -> None:
+    prefix = service.lower()
+    certfile, keyfile = typed[f"{prefix}_ssl_certfile"], typed[f"{prefix}_ssl_keyfile"]
+    if keyfile and not certfile:
+        raise ConfigError(
+            f"{service}_SSL_KEYFILE",
+            f"is set without {service}_SSL_CERTFILE",
+            f"set {service}_SSL_CERTFILE to the client certificate that goes with the key",
+        )
+    if certfile and not typed[f"{prefix}_ssl"]:
+        raise ConfigError(
+            f"{service}_SSL_CERTFILE",
+            f"is set while {service}_SSL is false (a client certificate needs TLS)",
+            f"set {service}_SSL=true, or remove {service}_SSL_CERTFILE",
+        )
 
 
 # --- derived values ------------------------------------------------------------------------------------
@@ -495,7 +531,7 @@ def broker_url(settings: Settings) -> str:
 
 def redis_kwargs(settings: Settings) -> dict[str, object]:
     """Keyword arguments for redis.Redis(); no password means no AUTH."""
-    return {
+    kwargs: dict[str, object] = {
         "host": settings.redis_host,
         "port": settings.redis_port,
         "db": settings.redis_db,
@@ -503,6 +539,11 @@ def redis_kwargs(settings: Settings) -> dict[str, object]:
         # rediss: certificate and host name verified against the system's CAs (redis-py's default)
         "ssl": settings.redis_ssl,
     }
+    if settings.redis_ssl_certfile:
+        kwargs["ssl_certfile"] = str(settings.redis_ssl_certfile)
+        # None: the key is in the certificate file
+        kwargs["ssl_keyfile"] = str(settings.redis_ssl_keyfile) if settings.redis_ssl_keyfile else None
+    return kwargs
 
 
 def ca_bundle(settings: Settings) -> str | None:

@@ -6,10 +6,13 @@ WorkerError
 ├── ScanFailed          the scan itself failed (nmap could not start, exited non-zero, phase 1 timed out)
 ├── Cancelled           a cancel broadcast, a revoke or a shutdown stopped the task; nothing is uploaded
 ├── Retryable           transient: broker, Redis or ScanLedger unavailable; try again later
+│   └── ScanInterrupted nmap killed by someone else; DiskFull: STATE_DIR's filesystem is full
 └── DeliveryRejected    permanent: ScanLedger refused the report (4xx other than 429)
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class WorkerError(Exception):
@@ -49,6 +52,18 @@ class Retryable(WorkerError):
 
 class ScanInterrupted(Retryable):
     """nmap died of a signal the worker did not send: not the task's fault, so it runs again."""
+
+
+class DiskFull(ScanInterrupted):
+    """The state directory's filesystem is full: not the task's fault, so it is handed back whole (no
+    half-written report is kept or sent) and runs again once there is space."""
+
+    def __init__(self, where: object) -> None:
+        super().__init__(f"no space left on the disk of {where} (STATE_DIR); handed back until it has room")
+
+
+def disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class DeliveryRejected(WorkerError):

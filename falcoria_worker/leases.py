@@ -60,7 +60,7 @@ class Requeues:
             owner = self.identity.owner if action.own_lease else None
             try:
                 text = self.store.requeue_lease(
-                    task_id, owner, time.time(), requeue_grace=REQUEUE_GRACE, refund=action.refund
+                    task_id, owner, requeue_grace=REQUEUE_GRACE, refund=action.refund
                 )
             except redis.RedisError as exc:
                 log.warning("could not requeue %s now: %s", task_id, describe(exc))
@@ -145,10 +145,11 @@ class Leases:
 
     def sweep(self) -> None:
         # Only leases expired for a whole period: a live owner that was briefly slow renews in time.
-        now = time.time()
-        for task_id in self.store.expired(now - self.settings.lease_ttl):
+        # Lease deadlines are on Redis's clock, so a step of this host's wall clock cannot expire them.
+        cutoff = self.store.now() - self.settings.lease_ttl
+        for task_id in self.store.expired(cutoff):
             if task_id not in self.running:
-                self.hub.publish(step(new_task(task_id), Event.LEASE_EXPIRED, now, own_lease=False))
+                self.hub.publish(step(new_task(task_id), Event.LEASE_EXPIRED, time.time(), own_lease=False))
 
     def recover_once(self) -> None:
         """On the first contact with Redis: register this host's IP, then recover the tasks this

@@ -7,6 +7,7 @@ worker and the unit tests. Delivery is not part of it: the caller spools the mer
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from collections.abc import Callable, Sequence
@@ -16,7 +17,14 @@ from typing import Protocol
 
 from falcoria_worker import argv, merge
 from falcoria_worker.caps import RawSockets, needs_privileged_flag
-from falcoria_worker.errors import Cancelled, Rejected, ScanFailed, ScanInterrupted
+from falcoria_worker.errors import (
+    Cancelled,
+    DiskFull,
+    Rejected,
+    ScanFailed,
+    ScanInterrupted,
+    disk_full,
+)
 from falcoria_worker.model import Phase, PortRef, ScanTask
 from falcoria_worker.policy import PolicyConfig, ScanOptions, check_options
 from falcoria_worker.runner import NmapProcess, NmapRun, run_nmap
@@ -99,7 +107,17 @@ class Engine:
     def execute(
         self, plan: Plan, workdir: Path, cancel: threading.Event, hooks: Hooks | None = None
     ) -> Outcome:
-        hooks = hooks or NoHooks()
+        """Raises DiskFull when the work directory's filesystem fills up: whatever failed then (nmap
+        writing its XML, the merge, a truncated file read back) failed for want of space, not because
+        of the task."""
+        try:
+            return self._execute(plan, workdir, cancel, hooks or NoHooks())
+        except (OSError, ScanFailed) as exc:
+            if disk_full(exc) or _no_room(workdir.parent):
+                raise DiskFull(workdir.parent) from exc
+            raise
+
+    def _execute(self, plan: Plan, workdir: Path, cancel: threading.Event, hooks: Hooks) -> Outcome:
         task = plan.task
         if workdir.exists():
             shutil.rmtree(workdir)  # a rerun after a crash starts from nothing
@@ -146,42 +164,62 @@ class Engine:
         if cancel.is_set():
             raise Cancelled("cancelled between the two phases")
         if task.include_services and ports:
-            phase2_xml = workdir / "phase2.xml"
-            hooks.phase(Phase.SERVICES, f"service scan of {len(ports)} ports on {task.ip}")
-            run2 = self._run_phase(
-                Phase.SERVICES,
-                argv.phase2_argv(
-                    task,
-                    plan.service_opts,
-                    ports,
-                    nmap=self.nmap,
-                    privileged=self.privileged,
-                    xml_path=str(phase2_xml),
-                    stats_every=self.stats_every,
-                ),
-                phase_dir=workdir / "phase2",
-                timeout=task.timeout,
-                cancel=cancel,
-                hooks=hooks,
+            phase2_xml = self._services(
+                plan, ports, workdir, cancel=cancel, hooks=hooks, durations=durations, notes=notes
             )
-            durations["service_scan"] = run2.duration
-            if run2.cancelled:
-                raise Cancelled("cancelled during the service scan")
-            _raise_if_killed(run2, "service scan")
-            if run2.timed_out:
-                notes.append(
-                    f"service detection timed out after {task.timeout} s; open ports delivered without it"
-                )
-                phase2_xml = None
-            elif run2.returncode != 0:
-                notes.append(f"service detection failed (nmap exited {run2.returncode}): {run2.stderr_tail}")
-                phase2_xml = None
 
         if cancel.is_set():
             raise Cancelled("cancelled after the scan, before delivery")  # cancelled tasks upload nothing
         report = workdir / "report.xml"
         merge.merge_reports(phase1_xml, phase2_xml, report, target_ip=task.ip, hostnames=task.hostnames)
         return Outcome(report, ports, tuple(notes), durations)
+
+    def _services(
+        self,
+        plan: Plan,
+        ports: tuple[PortRef, ...],
+        workdir: Path,
+        *,
+        cancel: threading.Event,
+        hooks: Hooks,
+        durations: dict[str, float],
+        notes: list[str],
+    ) -> Path | None:
+        """Phase 2; its XML, or None (with a note why) when the open ports go out without services."""
+        task = plan.task
+        phase2_xml = workdir / "phase2.xml"
+        hooks.phase(Phase.SERVICES, f"service scan of {len(ports)} ports on {task.ip}")
+        run2 = self._run_phase(
+            Phase.SERVICES,
+            argv.phase2_argv(
+                task,
+                plan.service_opts,
+                ports,
+                nmap=self.nmap,
+                privileged=self.privileged,
+                xml_path=str(phase2_xml),
+                stats_every=self.stats_every,
+            ),
+            phase_dir=workdir / "phase2",
+            timeout=task.timeout,
+            cancel=cancel,
+            hooks=hooks,
+        )
+        durations["service_scan"] = run2.duration
+        if run2.cancelled:
+            raise Cancelled("cancelled during the service scan")
+        _raise_if_killed(run2, "service scan")
+        if run2.timed_out:
+            notes.append(
+                f"service detection timed out after {task.timeout} s; open ports delivered without it"
+            )
+            return None
+        if run2.returncode != 0:
+            if _no_room(workdir):
+                raise DiskFull(workdir.parent)  # not a result without services: a task handed back
+            notes.append(f"service detection failed (nmap exited {run2.returncode}): {run2.stderr_tail}")
+            return None
+        return phase2_xml
 
     def _run_phase(
         self,
@@ -206,6 +244,18 @@ class Engine:
             )
         finally:
             hooks.nmap_finished(phase)
+
+
+# Less than this free in the work directory after nmap failed: it failed for want of space.
+_ROOM = 64 * 1024
+
+
+def _no_room(path: Path) -> bool:
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < _ROOM
 
 
 def _raise_if_killed(run: NmapRun, what: str) -> None:

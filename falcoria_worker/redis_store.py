@@ -12,8 +12,9 @@ taken for the task's status:
     held, deadline passed or owner restarting --requeue_lease--> released (message returned for the requeue)
     released or expired --claim--> held(attempts+1), or poison once attempts > max_attempts
 
-Deadlines are unix seconds from the caller's clock: instances sharing a Redis need clocks that agree to
-well within LEASE_TTL (NTP). Tests pass `now` explicitly instead of waiting for time to pass.
+Deadlines are unix seconds of Redis's own clock (`TIME` inside the scripts), the one clock every instance
+sharing the Redis agrees on: a step of one instance's wall clock neither expires its leases nor keeps
+another's alive. Tests pass `now` explicitly instead of waiting for time to pass.
 """
 
 from __future__ import annotations
@@ -36,12 +37,25 @@ METADATA_GRACE = 3.0  # seconds to wait for Tasker's tracking keys, written righ
 
 ClaimResult = Literal["claimed", "busy", "poison"]
 
+# Prepended to the lease scripts: `now` is the caller's explicit time, or Redis's clock when it sent ''.
+_CLOCK = """
+local function clock(given)
+  if given ~= '' then
+    return tonumber(given)
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+
 # KEYS: lease, leases-zset. ARGV: task_id, owner, now, ttl, message, max_attempts, retention.
 # A live lease of anyone (us included: a duplicate delivery of a task we run) makes the message a
 # duplicate; an expired or released one is a redelivery and counts an attempt.
-_CLAIM = """
+_CLAIM = (
+    _CLOCK
+    + """
 local hold = redis.call('HGET', KEYS[1], 'state')
-local now = tonumber(ARGV[3])
+local now = clock(ARGV[3])
 if hold == 'held' and tonumber(redis.call('HGET', KEYS[1], 'deadline')) > now then
   return 'busy'
 end
@@ -60,10 +74,13 @@ redis.call('ZADD', KEYS[2], deadline, ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 return 'claimed'
 """
+)
 
 # KEYS: leases-zset, lease keys... ARGV: owner, now, ttl, task ids (same order as the lease keys).
-_HEARTBEAT = """
-local deadline = tonumber(ARGV[2]) + tonumber(ARGV[3])
+_HEARTBEAT = (
+    _CLOCK
+    + """
+local deadline = clock(ARGV[2]) + tonumber(ARGV[3])
 local lost = {}
 for i = 2, #KEYS do
   local id = ARGV[i + 2]
@@ -77,6 +94,7 @@ for i = 2, #KEYS do
 end
 return lost
 """
+)
 
 # KEYS: lease, leases-zset. ARGV: task_id, owner. Only the owner finishes a lease (a poison one included).
 _RELEASE = """
@@ -89,17 +107,20 @@ return 1
 """
 
 # KEYS: lease, leases-zset. ARGV: task_id, now, owner_hint ('' for none).
-_REQUEUE_LEASE = """
+_REQUEUE_LEASE = (
+    _CLOCK
+    + """
 local owner, hold, deadline = unpack(redis.call('HMGET', KEYS[1], 'owner', 'state', 'deadline'))
 if hold ~= 'held' and hold ~= 'released' then
   return false
 end
-if tonumber(deadline) > tonumber(ARGV[2]) and (hold == 'released' or ARGV[3] == '' or owner ~= ARGV[3]) then
+local now = clock(ARGV[2])
+if tonumber(deadline) > now and (hold == 'released' or ARGV[3] == '' or owner ~= ARGV[3]) then
   return false
 end
 -- Released, but still indexed with a requeue deadline: if the requeue is lost (the instance dies
 -- before it reaches the broker) and nobody claims the task by then, a sweep requeues it again.
-local requeue_by = tonumber(ARGV[2]) + tonumber(ARGV[4])
+local requeue_by = now + tonumber(ARGV[4])
 if ARGV[5] == '1' then
   -- requeued by a stopping worker: not the task's fault, so the attempt does not count
   local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1')
@@ -110,6 +131,7 @@ redis.call('HDEL', KEYS[1], 'owner')
 redis.call('ZADD', KEYS[2], requeue_by, ARGV[1])
 return redis.call('HGET', KEYS[1], 'message')
 """
+)
 
 # KEYS: leases-zset. ARGV: owner, lease key prefix. Only start-up recovery calls it, and only the leases
 # in the index (held ones) can belong to anybody.
@@ -375,10 +397,9 @@ class RedisStore:
     ) -> ClaimResult:
         """Take a task before its message is acked. "busy": a live lease exists (a duplicate delivery);
         "poison": this is delivery number max_attempts+1 of a task whose workers kept dying."""
-        at = time.time() if now is None else now
         result = self._claim(
             keys=[keys.lease_key(task_id), keys.LEASES_KEY],
-            args=[task_id, owner, repr(at), ttl, message, max_attempts, self.marker_ttl],
+            args=[task_id, owner, _clock_arg(now), ttl, message, max_attempts, self.marker_ttl],
         )
         return _text(result)  # type: ignore[return-value]
 
@@ -389,9 +410,9 @@ class RedisStore:
         ids = list(task_ids)
         if not ids:
             return []
-        at = time.time() if now is None else now
         lost = self._heartbeat(
-            keys=[keys.LEASES_KEY, *(keys.lease_key(i) for i in ids)], args=[owner, repr(at), ttl, *ids]
+            keys=[keys.LEASES_KEY, *(keys.lease_key(i) for i in ids)],
+            args=[owner, _clock_arg(now), ttl, *ids],
         )
         return [_text(i) for i in lost]
 
@@ -399,14 +420,20 @@ class RedisStore:
         """Delete a finished task's lease; False when another owner holds it now."""
         return bool(self._release(keys=[keys.lease_key(task_id), keys.LEASES_KEY], args=[task_id, owner]))
 
+    def now(self) -> float:
+        """Redis's clock, in which lease deadlines are kept."""
+        seconds, microseconds = self.r.time()
+        return seconds + microseconds / 1_000_000
+
     def expired(self, now: float) -> list[str]:
+        """Leases whose deadline is before `now`, a time of Redis's clock (see `now()`)."""
         return [_text(i) for i in self.r.zrangebyscore(keys.LEASES_KEY, "-inf", now)]
 
     def requeue_lease(
         self,
         task_id: str,
         owner_hint: str | None,
-        now: float,
+        now: float | None = None,
         requeue_grace: float = 3600.0,
         *,
         refund: bool = False,
@@ -419,7 +446,7 @@ class RedisStore:
         takes back the attempt the claim counted (a requeue at shutdown is not the task's fault)."""
         message = self._requeue_lease(
             keys=[keys.lease_key(task_id), keys.LEASES_KEY],
-            args=[task_id, repr(now), owner_hint or "", repr(requeue_grace), "1" if refund else "0"],
+            args=[task_id, _clock_arg(now), owner_hint or "", repr(requeue_grace), "1" if refund else "0"],
         )
         return None if message is None else _text(message)
 
@@ -446,6 +473,10 @@ class RedisStore:
     def lease_message(self, task_id: str) -> str | None:
         message = self.r.hget(keys.lease_key(task_id), "message")
         return None if message is None else _text(message)
+
+
+def _clock_arg(now: float | None) -> str:
+    return "" if now is None else repr(now)
 
 
 def _key_part(value: object) -> str | None:

@@ -44,6 +44,16 @@ SECTIONS: tuple[Section, ...] = (
                 " CAs (a private CA: add it to the system's, or point `SSL_CERT_FILE` at it in a unit"
                 " drop-in).",
             ),
+            (
+                "RABBITMQ_SSL_CERTFILE",
+                "Client certificate (PEM) for brokers that require one; also the credential"
+                " `rabbitmq_ssl_certfile`.",
+            ),
+            (
+                "RABBITMQ_SSL_KEYFILE",
+                "Its private key (empty: in the certificate file); better as the credential"
+                " `rabbitmq_ssl_keyfile`, which names a root-only file.",
+            ),
             ("EXCHANGE_NAME", "Exchange Tasker publishes scan tasks to."),
             ("EXCHANGE_TYPE", "Its type: direct, fanout, headers or topic (Tasker's is topic)."),
             ("NMAP_SCAN_QUEUE_NAME", "Queue of scan tasks, shared by every worker."),
@@ -66,6 +76,16 @@ SECTIONS: tuple[Section, ...] = (
             (
                 "REDIS_SSL",
                 "true: TLS to Redis, with its certificate and host name checked against the system's CAs.",
+            ),
+            (
+                "REDIS_SSL_CERTFILE",
+                "Client certificate (PEM) for a Redis that requires one; also the credential"
+                " `redis_ssl_certfile`.",
+            ),
+            (
+                "REDIS_SSL_KEYFILE",
+                "Its private key (empty: in the certificate file); better as the credential"
+                " `redis_ssl_keyfile`.",
             ),
         ),
     ),

@@ -2,6 +2,8 @@
 
 The layers and their order are `config.LAYERS`, lowest first: a key takes its value from the highest layer
 that names it. `load()` merges them in that order, and the settings reference is generated from it.
+The credential layer is `$CREDENTIALS_DIRECTORY/<lower-case key>` (systemd LoadCredential=); for the
+TLS client certificate and key settings it holds the path of that file.
 
 Secrets (config.SECRET_KEYS) follow the same rule. `<KEY>_FILE=/path` counts as a value of its own layer
 (the file is read only if that layer wins), and the credentials directory is a layer of its own just above
@@ -234,6 +236,13 @@ def _credential_layer(environ: Mapping[str, str]) -> _Layer:
             value = _read_secret(Path(directory) / name, key)
             if value is not None:
                 layer[key] = _Entry(value, "credential")
+                break
+    # TLS certificates and keys are handed to the TLS library as files: the credential's path is the value.
+    for key in config.TLS_FILE_KEYS:
+        for name in (key.lower(), _CREDENTIAL_PREFIX + key.lower()):
+            path = Path(directory) / name
+            if path.is_file():
+                layer[key] = _Entry(str(path), "credential")
                 break
     return layer
 

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from falcoria_worker.errors import DeliveryRejected, Retryable
+from falcoria_worker.errors import DeliveryRejected, DiskFull, Retryable, disk_full
 from falcoria_worker.ledger import LedgerUnavailable, ScanLedger
 from falcoria_worker.model import valid_task_id
 
@@ -130,8 +130,8 @@ class Spool:
             "track_history": track_history,
             "created": created,
         }
-        tmp.mkdir(mode=0o700)
         try:
+            tmp.mkdir(mode=0o700)
             _copy_synced(xml_src, tmp / REPORT)
             _write_synced(tmp / META, json.dumps(meta).encode())
             _fsync_dir(tmp)
@@ -144,8 +144,11 @@ class Spool:
                 if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
                     raise FileExistsError(f"task {name} is already in the spool") from None
                 raise
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if disk_full(exc):
+                # Nothing half-written stays behind; the task is handed back and runs again.
+                raise DiskFull(self.root) from exc
             raise
         # Unlike the other changes, a put must be durable before the caller acks the task: no quiet fsync.
         _fsync_dir(self.pending_dir)

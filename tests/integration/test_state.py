@@ -278,6 +278,20 @@ def test_claim_heartbeat_release(r: redis.Redis, state: RedisStore) -> None:
     assert r.keys("fw:*") == []
 
 
+def test_lease_deadlines_are_kept_on_redis_clock(r: redis.Redis, state: RedisStore) -> None:
+    # Without an explicit `now`, the scripts read Redis's TIME: the caller's wall clock plays no part.
+    before = state.now()
+    assert state.claim("t1", "A", 60, "m", 3) == "claimed"
+    deadline = float(r.hget("fw:lease:t1", "deadline"))
+    assert before + 60 <= deadline <= state.now() + 60
+    assert state.heartbeat(["t1"], "A", 600) == []
+    assert float(r.hget("fw:lease:t1", "deadline")) >= before + 600
+    assert state.expired(state.now()) == []
+    assert state.reclaim("t1", None) is None  # held and not expired on Redis's clock
+    assert state.reclaim("t1", "A") == "m"  # its owner recovering it after a restart
+    assert float(r.hget("fw:lease:t1", "deadline")) >= before + 3600  # re-publish grace, Redis's clock
+
+
 def test_lease_keeps_bytes_messages_and_has_a_retention_ttl(r: redis.Redis) -> None:
     state = RedisStore(r, HOST, status_ttl=STATUS_TTL, marker_ttl=500)
     assert state.claim("t1", "A", 60, b'{"body": "\\u00e9"}', 3) == "claimed"

@@ -16,6 +16,9 @@ Fixtures:
                             returns the rabbitmq handle
   tasker        (function)  tests.support.tasker.Tasker on a clean broker and an empty Redis
 
+A test that needs TLS launches its own with `tls=ServerTLS(...)` (tests.support.tls): the server then also
+listens with TLS on `tls_port`, while the plain port stays for the test's own tools (Tasker, readiness).
+
 A test that needs the services reachable from another network namespace (a container on a bridge) starts
 its own instance with `RedisServer.launch(..., bind=("127.0.0.1", "<bridge address>"))` or
 `RabbitMQ.launch(..., bind=...)`; the address must already exist on the host.
@@ -46,6 +49,7 @@ import pytest
 import redis
 
 from tests.support.tasker import Tasker
+from tests.support.tls import ServerTLS
 
 ROOT = Path(os.environ.get("FW_TEST_SERVICES_ROOT", "/tmp/falcoria-test-services"))
 CONSUMER_TIMEOUT_MS = int(os.environ.get("FW_TEST_CONSUMER_TIMEOUT_MS", "15000"))
@@ -203,21 +207,37 @@ class RedisServer:
     bind: tuple[str, ...] = ("127.0.0.1",)
     db: int = REDIS_DB
     host: str = "127.0.0.1"
+    tls: ServerTLS | None = None
+    tls_port: int = 0
     start_seconds: float = 0.0  # wall time of the last start(), for the report
     _registry: _Registry | None = field(default=None, repr=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @classmethod
-    def launch(cls, run_dir: Path, bind: Sequence[str] = ("127.0.0.1",)) -> RedisServer:
+    def launch(
+        cls, run_dir: Path, bind: Sequence[str] = ("127.0.0.1",), *, tls: ServerTLS | None = None
+    ) -> RedisServer:
         # A directory of its own (mkdtemp: 0700): several servers may be launched in one session.
         work = Path(tempfile.mkdtemp(prefix="redis-", dir=run_dir))
+        base = _free_ports(2)
         server = cls(
             dir=work,
-            port=_free_ports(1),
+            port=base,
             password=secrets.token_urlsafe(18),
             bind=tuple(bind),
+            tls=tls,
+            tls_port=base + 1 if tls else 0,
             _registry=_Registry(run_dir),
         )
+        tls_lines = []
+        if tls is not None:
+            tls_lines = [
+                f"tls-port {server.tls_port}",
+                f"tls-cert-file {tls.cert}",
+                f"tls-key-file {tls.key}",
+                f"tls-ca-cert-file {tls.ca}",
+                f"tls-auth-clients {'yes' if tls.require_client_cert else 'no'}",
+            ]
         # The password goes to a 0600 config file, never to argv where `ps` and logs would show it.
         conf = work / "redis.conf"
         conf.write_text(
@@ -232,6 +252,7 @@ class RedisServer:
                     "dbfilename dump.rdb",
                     f"logfile {work / 'redis.log'}",
                     "daemonize no",
+                    *tls_lines,
                     "",
                 ]
             )
@@ -330,18 +351,22 @@ class RabbitMQ:
     user: str = TEST_USER
     vhost: str = TEST_VHOST
     host: str = "127.0.0.1"
+    tls: ServerTLS | None = None
     start_seconds: float = 0.0  # wall time of the last start(), for the report
     stop_seconds: float = 0.0
     _registry: _Registry | None = field(default=None, repr=False)
     _epmd: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @classmethod
-    def launch(cls, run_dir: Path, bind: Sequence[str] = ("127.0.0.1",)) -> RabbitMQ:
+    def launch(
+        cls, run_dir: Path, bind: Sequence[str] = ("127.0.0.1",), *, tls: ServerTLS | None = None
+    ) -> RabbitMQ:
         # A directory of its own: several brokers may be launched in one session.
         work = Path(tempfile.mkdtemp(prefix="rabbitmq-", dir=run_dir))
         # Block: AMQP, distribution, epmd, then ten ports for the CLI tools' own distribution listeners
-        # (their default range 35672-35682 would be shared with every other node on the machine).
-        base = _free_ports(13)
+        # (their default range 35672-35682 would be shared with every other node on the machine), and the
+        # TLS listener last.
+        base = _free_ports(14)
         broker = cls(
             dir=work,
             node=f"fwtest-{secrets.token_hex(4)}@localhost",
@@ -350,6 +375,7 @@ class RabbitMQ:
             epmd_port=base + 2,
             password=secrets.token_urlsafe(18),
             bind=tuple(bind),
+            tls=tls,
             _registry=_Registry(run_dir),
         )
         broker._write_config()
@@ -361,6 +387,18 @@ class RabbitMQ:
         for sub in ("mnesia", "log"):
             (self.dir / sub).mkdir()
         listeners = [f"listeners.tcp.{i} = {addr}:{self.port}" for i, addr in enumerate(self.bind, 1)]
+        if self.tls is not None:
+            # Copies the `rabbitmq` user can read (the key may sit in a directory closed to it).
+            for name in ("ca", "cert", "key"):
+                shutil.copyfile(getattr(self.tls, name), self.dir / f"tls-{name}.pem")
+            listeners += [f"listeners.ssl.{i} = {a}:{self.tls_port}" for i, a in enumerate(self.bind, 1)]
+            listeners += [
+                f"ssl_options.cacertfile = {self.dir / 'tls-ca.pem'}",
+                f"ssl_options.certfile = {self.dir / 'tls-cert.pem'}",
+                f"ssl_options.keyfile = {self.dir / 'tls-key.pem'}",
+                f"ssl_options.verify = {'verify_peer' if self.tls.require_client_cert else 'verify_none'}",
+                f"ssl_options.fail_if_no_peer_cert = {str(self.tls.require_client_cert).lower()}",
+            ]
         # default_* create the vhost, user and permissions on the first boot of the fresh mnesia dir, which
         # saves three rabbitmqctl calls (about a second each) per session.
         (self.dir / "rabbitmq.conf").write_text(
@@ -414,6 +452,10 @@ class RabbitMQ:
             RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
         )
         return env
+
+    @property
+    def tls_port(self) -> int:
+        return self.port + 13 if self.tls else 0
 
     @property
     def pid_file(self) -> Path:

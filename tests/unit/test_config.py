@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import ssl
 from pathlib import Path
 
 import pytest
@@ -318,6 +319,34 @@ def test_tls_to_the_broker_is_a_checked_bool() -> None:
     assert parsed().rabbitmq_ssl is False
     with pytest.raises(ConfigError, match="RABBITMQ_SSL"):
         parsed(RABBITMQ_SSL="maybe")
+
+
+def test_amqp_tls_checks_the_host_name_and_sends_the_client_certificate() -> None:
+    from falcoria_worker.broker import tls_options
+
+    assert tls_options(parsed()) is False
+    assert tls_options(parsed(RABBITMQ_SSL="true", RABBITMQ_HOST="mq.example")) == {
+        "server_hostname": "mq.example",
+        "cert_reqs": ssl.CERT_REQUIRED,
+    }
+    s = parsed(RABBITMQ_SSL="true", RABBITMQ_SSL_CERTFILE="/c.pem", RABBITMQ_SSL_KEYFILE="/k.pem")
+    assert tls_options(s)["certfile"] == "/c.pem"  # type: ignore[index]
+    assert tls_options(s)["keyfile"] == "/k.pem"  # type: ignore[index]
+
+
+def test_client_certificates_need_tls_and_a_certificate_for_the_key() -> None:
+    s = parsed(REDIS_SSL="true", REDIS_SSL_CERTFILE="/c.pem", REDIS_SSL_KEYFILE="/k.pem")
+    kwargs = config.redis_kwargs(s)
+    assert (kwargs["ssl_certfile"], kwargs["ssl_keyfile"]) == ("/c.pem", "/k.pem")
+    both = parsed(REDIS_SSL="true", REDIS_SSL_CERTFILE="/both.pem")
+    assert config.redis_kwargs(both)["ssl_keyfile"] is None
+    assert "ssl_certfile" not in config.redis_kwargs(parsed(REDIS_SSL="true"))
+    with pytest.raises(ConfigError, match="RABBITMQ_SSL_KEYFILE") as info:
+        parsed(RABBITMQ_SSL="true", RABBITMQ_SSL_KEYFILE="/k.pem")
+    assert "RABBITMQ_SSL_CERTFILE" in info.value.fix
+    with pytest.raises(ConfigError, match="REDIS_SSL_CERTFILE") as info:
+        parsed(REDIS_SSL_CERTFILE="/c.pem")
+    assert "REDIS_SSL=true" in info.value.fix
 
 
 def test_shown_value_masks_secrets_and_renders_types() -> None:

@@ -305,6 +305,18 @@ def test_credentials_beat_files_and_environment_but_not_set(etc: Path, tmp_path:
     assert overridden.settings.worker_backend_token == "cli"
 
 
+def test_tls_client_key_comes_from_a_credential_as_a_path(etc: Path, tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    key = write(creds / "falcoria-worker_redis_ssl_keyfile", "-----BEGIN PRIVATE KEY-----\n", 0o400)
+    write(etc / "worker.conf", "REDIS_SSL=true\nREDIS_SSL_CERTFILE=/etc/ssl/c.pem\nREDIS_SSL_KEYFILE=/x\n")
+    loaded = load(environ={"CREDENTIALS_DIRECTORY": str(creds)}, etc_dir=etc)
+    assert loaded.settings.redis_ssl_keyfile == key
+    assert loaded.settings.redis_ssl_certfile == Path("/etc/ssl/c.pem")
+    assert loaded.sources["REDIS_SSL_KEYFILE"] == "credential"
+    assert loaded.settings.rabbitmq_ssl_keyfile is None
+
+
 def test_only_one_trailing_newline_is_stripped(etc: Path, tmp_path: Path) -> None:
     creds = tmp_path / "creds"
     creds.mkdir()
