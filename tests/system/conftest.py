@@ -54,18 +54,18 @@ def report(suite: str) -> tuple[dict[str, float], dict[str, float]]:
 UPGRADE_SUFFIX = "upgradetest1"
 # What scripts/build-deb printed on stderr (build and lintian) for each .deb it built.
 BUILD_LOGS: dict[Path, str] = {}
-DEEP = 120  # a checkout path longer than this puts a venv built under it over the kernel's #! limit
+DEEP = 120  # a venv built under a checkout this deep would be far over the kernel's 127-byte #! limit
 
 
 @functools.cache
 def deep_checkout() -> Path:
-    """A copy of the checkout (without .git, .venv, _build) at a path longer than DEEP characters, so that
-    the package's independence of the checkout path is proven by a build that is needed anyway. Git reads
-    the copy as this checkout's work tree, so its changelog names the same commit."""
+    """A copy of the checkout (without .git, .venv, caches, _build) at a path longer than DEEP characters,
+    so that the package's independence of the checkout path is proven by a build that is needed anyway.
+    Git reads the copy as this checkout's work tree, so its changelog names the same commit."""
     base = harness.REPO / "_build" / "deep-checkout"
     shutil.rmtree(base, ignore_errors=True)
     copy = base / ("d" * max(40, DEEP - len(str(base))))
-    top = {"_build", ".venv", ".git"}
+    top = {"_build", ".venv", ".git", ".cache"}
     shutil.copytree(
         harness.REPO,
         copy,
