@@ -270,6 +270,7 @@ def test_target_restart_restarts_every_instance(configured: harness.Container) -
         assert after[unit] != before[unit], f"{unit} was not restarted"
 
 
+@pytest.mark.timeout(900)  # its fixture builds the package (deb_for allows the build 900 s)
 def test_rebuild_from_a_deep_checkout_is_lintian_clean_with_plain_entry_points(upgraded_deb: Path) -> None:
     """The upgrade's rebuild comes from a checkout path over 120 characters (conftest.deep_checkout): the
     venv's console scripts still start with a plain #! line to the venv's interpreter (pip's /bin/sh
