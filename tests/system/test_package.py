@@ -26,7 +26,9 @@ from tests.support.tasker import Tasker
 from tests.system import harness
 from tests.system.conftest import BUILD_LOGS, DEEP, UPGRADE_SUFFIX, report
 
-pytestmark = pytest.mark.system
+# The first test of each release waits for its fixtures: on a fresh machine a cold rootfs build and the
+# package build, minutes each on a busy 2-core machine (deb_for allows a build 900 s).
+pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
 USER = "falcoria-worker"
 INSTANCES = ("falcoria-worker@1.service", "falcoria-worker@2.service")
@@ -270,7 +272,6 @@ def test_target_restart_restarts_every_instance(configured: harness.Container) -
         assert after[unit] != before[unit], f"{unit} was not restarted"
 
 
-@pytest.mark.timeout(900)  # its fixture builds the package (deb_for allows the build 900 s)
 def test_rebuild_from_a_deep_checkout_is_lintian_clean_with_plain_entry_points(upgraded_deb: Path) -> None:
     """The upgrade's rebuild comes from a checkout path over 120 characters (conftest.deep_checkout): the
     venv's console scripts still start with a plain #! line to the venv's interpreter (pip's /bin/sh
