@@ -1,4 +1,7 @@
-"""`falcoria-worker check`: one line per prerequisite, each with the reason when it fails."""
+"""`falcoria-worker check`: one line per prerequisite, each with the reason when it fails.
+
+A line is ok, WARN (`run` works, but the operator should know something) or FAIL (`run` would stop, or
+could not do its work); only a FAIL makes the command exit 1."""
 
 from __future__ import annotations
 
@@ -10,19 +13,21 @@ from pathlib import Path
 from falcoria_worker import caps
 from falcoria_worker.config import Settings, ca_bundle
 
-Check = tuple[bool, str, str]
+OK, WARN, FAIL = "ok", "WARN", "FAIL"
+Check = tuple[str, str, str]  # level, name, detail
+Probe = Callable[[], tuple[str, str]]
 
 
 def run_checks(settings: Settings) -> Iterator[Check]:
     yield (
-        True,
+        OK,
         "config",
         f"loaded (instance {settings.instance}, node {settings.node_name}@{settings.hostname})",
     )
     for name, probe in (
         ("nmap", lambda: _nmap(settings)),
         ("raw sockets", _raw),
-        ("state dir", lambda: _state_dir(settings)),
+        ("state dir", lambda: _state_dir(Path(settings.state_dir))),
         ("redis", lambda: _redis(settings)),
         ("rabbitmq", lambda: _rabbitmq(settings)),
         ("scanledger", lambda: _scanledger(settings)),
@@ -30,38 +35,46 @@ def run_checks(settings: Settings) -> Iterator[Check]:
         yield _guarded(name, probe)
 
 
-def _guarded(name: str, probe: Callable[[], tuple[bool, str]]) -> Check:
+def _guarded(name: str, probe: Probe) -> Check:
     try:
-        ok, detail = probe()
+        level, detail = probe()
     except Exception as exc:  # a check reports; it never crashes the command
-        ok, detail = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    return ok, name, detail
+        level, detail = FAIL, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return level, name, detail
 
 
-def _nmap(settings: Settings) -> tuple[bool, str]:
+def _nmap(settings: Settings) -> tuple[str, str]:
     import nmap  # python-nmap runs `nmap -V` and parses the version for us
 
     path = shutil.which(settings.nmap_path)
     if path is None:
-        return False, f"'{settings.nmap_path}' not found on PATH; apt install nmap or set NMAP_PATH"
+        return FAIL, f"'{settings.nmap_path}' not found on PATH; apt install nmap or set NMAP_PATH"
     major, minor = nmap.PortScanner(nmap_search_path=(path,)).nmap_version()
     if (major, minor) < (7, 80):
-        return False, f"nmap {major}.{minor} at {path} is older than 7.80"
-    return True, f"nmap {major}.{minor} at {path}"
+        return FAIL, f"nmap {major}.{minor} at {path} is older than 7.80"
+    return OK, f"nmap {major}.{minor} at {path}"
 
 
-def _raw() -> tuple[bool, str]:
-    state = caps.raw_sockets()
-    return state is not caps.RawSockets.NONE, caps.describe()
+def _raw() -> tuple[str, str]:
+    return FAIL if caps.raw_sockets() is caps.RawSockets.NONE else OK, caps.describe()
 
 
-def _state_dir(settings: Settings) -> tuple[bool, str]:
-    path = Path(settings.state_dir)
-    if not path.is_dir():
-        return False, f"{path} does not exist (the unit's StateDirectory= creates it; or set STATE_DIR)"
-    if not os.access(path, os.W_OK):
-        return False, f"{path} is not writable by uid {os.geteuid()}"
-    return True, f"{path} writable"
+def _state_dir(path: Path) -> tuple[str, str]:
+    """`run` creates the directory (with its parents) and needs to write in it; under the unit,
+    StateDirectory= creates it before the start."""
+    uid = os.geteuid()
+    if path.is_dir():
+        if os.access(path, os.W_OK | os.X_OK, effective_ids=True):
+            return OK, f"{path} writable"
+        return FAIL, f"{path} is not writable by uid {uid}"
+    if path.exists():
+        return FAIL, f"{path} is not a directory"
+    parent = next(p for p in path.parents if p.exists() or p == p.parent)
+    if not parent.is_dir():
+        return FAIL, f"{path} cannot be created: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK, effective_ids=True):
+        return FAIL, f"{path} does not exist and uid {uid} cannot create it in {parent} (or set STATE_DIR)"
+    return WARN, f"{path} does not exist yet: `run` will create it"
 
 
 def _client_certificate_hint(exc: BaseException, key: str, tls: bool, certfile: object) -> str:
@@ -75,7 +88,7 @@ def _client_certificate_hint(exc: BaseException, key: str, tls: bool, certfile: 
     return f" (the server closed the TLS connection: if it requires a client certificate, set {key})"
 
 
-def _redis(settings: Settings) -> tuple[bool, str]:
+def _redis(settings: Settings) -> tuple[str, str]:
     from falcoria_worker.redis_store import redis_client
 
     try:
@@ -86,11 +99,11 @@ def _redis(settings: Settings) -> tuple[bool, str]:
         )
         if not hint:
             raise
-        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0]}{hint}"
-    return True, f"{settings.redis_host}:{settings.redis_port} db {settings.redis_db} answers"
+        return FAIL, f"{type(exc).__name__}: {str(exc).splitlines()[0]}{hint}"
+    return OK, f"{settings.redis_host}:{settings.redis_port} db {settings.redis_db} answers"
 
 
-def _rabbitmq(settings: Settings) -> tuple[bool, str]:
+def _rabbitmq(settings: Settings) -> tuple[str, str]:
     from amqp.exceptions import NotFound
 
     from falcoria_worker import broker
@@ -104,7 +117,7 @@ def _rabbitmq(settings: Settings) -> tuple[bool, str]:
         )
         if not hint:
             raise
-        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0]}{hint}"
+        return FAIL, f"{type(exc).__name__}: {str(exc).splitlines()[0]}{hint}"
     with conn:
         try:
             # passive: a health check must not create Tasker's queue
@@ -113,16 +126,16 @@ def _rabbitmq(settings: Settings) -> tuple[bool, str]:
             )
         except NotFound:
             queue = settings.nmap_scan_queue_name
-            return True, f"{where}: connected; {queue} not declared yet (Tasker or `run` will)"
+            return OK, f"{where}: connected; {queue} not declared yet (Tasker or `run` will)"
     return (
-        True,
+        OK,
         f"{where}: {settings.nmap_scan_queue_name} has {messages} message(s), {consumers} consumer(s)",
     )
 
 
-def _scanledger(settings: Settings) -> tuple[bool, str]:
+def _scanledger(settings: Settings) -> tuple[str, str]:
     if not settings.backend_base_url:
-        return True, f"not configured: results stay in {settings.state_dir}/results"
+        return OK, f"not configured: results stay in {settings.state_dir}/results"
     from falcoria_worker.ledger import ScanLedger
 
     ledger = ScanLedger(
@@ -131,8 +144,5 @@ def _scanledger(settings: Settings) -> tuple[bool, str]:
     ledger.health()
     ledger.check_token()
     if settings.backend_base_url.startswith("http://"):
-        return (
-            True,
-            f"{settings.backend_base_url} answers; WARNING: plain http, the token travels unencrypted",
-        )
-    return True, f"{settings.backend_base_url} answers and accepts the token"
+        return WARN, f"{settings.backend_base_url} answers; plain http: the token travels unencrypted"
+    return OK, f"{settings.backend_base_url} answers and accepts the token"

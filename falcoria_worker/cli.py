@@ -313,12 +313,12 @@ def _upload(settings: Settings, project: str, mode: str, report: Path) -> int:
 
 
 def _check(_args: argparse.Namespace, settings: Settings) -> int:
-    from falcoria_worker.checks import run_checks
+    from falcoria_worker.checks import FAIL, run_checks
 
     failed = 0
-    for ok, name, detail in run_checks(settings):
-        failed += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
+    for level, name, detail in run_checks(settings):
+        failed += level == FAIL
+        print(f"{level:4} {name}: {detail}")
     return 1 if failed else 0
 
 

@@ -26,7 +26,8 @@ from tests.support.services import RabbitMQ, RedisServer, service_pair
 from tests.support.tasker import Tasker
 from tests.system import harness
 
-pytestmark = pytest.mark.reliability
+# The machine fixture builds the package and, on a fresh machine, the rootfs: minutes on 2 busy cores.
+pytestmark = [pytest.mark.reliability, pytest.mark.timeout(900)]
 
 UNIT = "falcoria-worker@1.service"
 DEB_INSIDE = "/root/falcoria-worker.deb"

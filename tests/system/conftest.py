@@ -5,6 +5,8 @@ RabbitMQ on the host's bridge address where the container can reach them.
     system_container  (session)  harness.Container of that release, booted once per release; skipped
                                  without root or nspawn
     package_deb       (session)  the .deb for that release (deb_for)
+    upgraded_deb      (session)  a rebuild of it with a higher version, built from a copy of the checkout
+                                 at a path longer than 120 characters (deep_checkout)
     falcoria_deb      (session)  the .deb for Debian 12 (harness.SUITE), for tests that boot their own
     bridge_services   (session)  (RedisServer, RabbitMQ) bound to 127.0.0.1 and the bridge address
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -49,29 +52,74 @@ def report(suite: str) -> tuple[dict[str, float], dict[str, float]]:
 
 
 UPGRADE_SUFFIX = "upgradetest1"
+# What scripts/build-deb printed on stderr (build and lintian) for each .deb it built.
+BUILD_LOGS: dict[Path, str] = {}
+DEEP = 120  # a venv built under a checkout this deep would be far over the kernel's 127-byte #! limit
+
+
+@functools.cache
+def deep_checkout() -> Path:
+    """A copy of the checkout (without .git, .venv, caches, _build) at a path longer than DEEP characters,
+    so that the package's independence of the checkout path is proven by a build that is needed anyway.
+    Git reads the copy as this checkout's work tree, so its changelog names the same commit."""
+    base = harness.REPO / "_build" / "deep-checkout"
+    shutil.rmtree(base, ignore_errors=True)
+    copy = base / ("d" * max(40, DEEP - len(str(base))))
+    top = {"_build", ".venv", ".git", ".cache"}
+    shutil.copytree(
+        harness.REPO,
+        copy,
+        symlinks=True,
+        ignore=lambda where, names: [
+            n
+            for n in names
+            if n in {"__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis"}
+            or (Path(where) == harness.REPO and n in top)
+        ],
+    )
+    return copy
+
+
+def _git_env(checkout: Path) -> dict[str, str]:
+    git_dir = subprocess.run(
+        ["git", "-C", str(harness.REPO), "rev-parse", "--absolute-git-dir"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {"GIT_DIR": git_dir, "GIT_WORK_TREE": str(checkout)} if git_dir else {}
 
 
 @functools.cache
 def deb_for(suite: str, version_suffix: str = "") -> Path:
     """The .deb for `suite`: $FALCORIA_WORKER_DEB (bookworm) or $FALCORIA_WORKER_DEB_TRIXIE, else built once
-    by scripts/build-deb --dist (a release other than the host's builds in its own cached build root)."""
+    by scripts/build-deb --dist (a release other than the host's builds in its own cached build root).
+    A rebuild with a version suffix is built from deep_checkout()."""
     variable = "FALCORIA_WORKER_DEB" if suite == harness.SUITE else f"FALCORIA_WORKER_DEB_{suite.upper()}"
     given = os.environ.get(variable)
     if given and not version_suffix:
         return Path(given)
     timings, facts = report(suite)
     started = time.monotonic()
-    extra = ["--version-suffix", version_suffix] if version_suffix else []
+    checkout, env, extra = harness.REPO, dict(os.environ), []
+    if version_suffix:
+        checkout = deep_checkout()
+        env.update(_git_env(checkout))
+        extra = ["--version-suffix", version_suffix]
     proc = subprocess.run(
-        [str(harness.REPO / "scripts/build-deb"), "--dist", suite, *extra],
+        [str(checkout / "scripts/build-deb"), "--dist", suite, *extra],
         capture_output=True,
         text=True,
+        env=env,
         timeout=900,
         check=False,
     )
     if proc.returncode != 0:
-        pytest.fail(f"scripts/build-deb --dist {suite} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        pytest.fail(
+            f"{checkout}/scripts/build-deb --dist {suite} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
     deb = Path(proc.stdout.strip().splitlines()[-1])
+    BUILD_LOGS[deb] = proc.stderr
     if version_suffix:
         timings["rebuild with a higher version"] = time.monotonic() - started
     else:
