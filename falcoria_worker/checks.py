@@ -22,6 +22,7 @@ def run_checks(settings: Settings) -> Iterator[Check]:
     for name, probe in (
         ("nmap", lambda: _nmap(settings)),
         ("raw sockets", _raw),
+        ("source address", lambda: _source(settings)),
         ("state dir", lambda: _state_dir(settings)),
         ("redis", lambda: _redis(settings)),
         ("rabbitmq", lambda: _rabbitmq(settings)),
@@ -53,6 +54,14 @@ def _nmap(settings: Settings) -> tuple[bool, str]:
 def _raw() -> tuple[bool, str]:
     state = caps.raw_sockets()
     return state is not caps.RawSockets.NONE, caps.describe()
+
+
+def _source(settings: Settings) -> tuple[bool, str]:
+    if settings.source_address is None:
+        return True, "not set: the kernel chooses the source address"
+    from falcoria_worker import source
+
+    return True, source.describe(source.resolve(settings.source_address))
 
 
 def _state_dir(settings: Settings) -> tuple[bool, str]:

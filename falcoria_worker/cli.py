@@ -141,6 +141,8 @@ def _setup_logging(settings: Settings, *, interactive: bool) -> None:
 
 
 def engine_from(settings: Settings, *, extra_allow: Sequence[str] = ()) -> Engine:
+    from falcoria_worker import source
+
     return Engine(
         nmap=_nmap_path(settings),
         policy=PolicyConfig(
@@ -151,6 +153,7 @@ def engine_from(settings: Settings, *, extra_allow: Sequence[str] = ()) -> Engin
         raw=caps.raw_sockets(),
         stats_every=settings.stats_every,
         kill_grace=settings.kill_grace,
+        source=source.resolve(settings.source_address) if settings.source_address else None,
     )
 
 
