@@ -107,7 +107,7 @@ def _show(args: argparse.Namespace, spool: Spool) -> int:
         return 1
     for key, value in as_dict(held).items():
         if value is not None:
-            print(f"{key + ':':<15}{value}")
+            print(f"{key + ':':<15}{_when(held) if key == 'created' else value}")
     return 0
 
 
