@@ -323,7 +323,8 @@ def test_reinstalled_interpreter_fires_the_trigger_and_the_worker_still_starts(
     """python3.X is reinstalled under the venv (as a point release would replace it): dpkg runs the
     package's interpreter trigger, whose handler re-points the venv at it, and the worker starts."""
     box = configured
-    python = box.run("readlink", "/opt/venvs/falcoria-worker/bin/python").stdout.strip()
+    # bin/python and bin/python3 link to bin/python3.X, which links to the interpreter.
+    python = box.run("readlink", "-f", "/opt/venvs/falcoria-worker/bin/python3").stdout.strip()
     assert re.fullmatch(r"/usr/bin/python3\.\d+", python), python
     triggers = box.path("/var/lib/dpkg/info/falcoria-worker.triggers").read_text()
     assert f"interest-noawait {python}" in triggers.splitlines(), triggers
@@ -334,7 +335,8 @@ def test_reinstalled_interpreter_fires_the_trigger_and_the_worker_still_starts(
     before = _invocations(box)
     reinstall = box.run("dpkg", "-i", f"/root/{deb.name}", timeout=300)
     assert "falcoria-worker: venv updated for Python" in reinstall.stdout, reinstall.stdout + reinstall.stderr
-    assert box.run("readlink", "/opt/venvs/falcoria-worker/bin/python").stdout.strip() == python
+    assert box.run("readlink", "-f", "/opt/venvs/falcoria-worker/bin/python3").stdout.strip() == python
+    box.run("/opt/venvs/falcoria-worker/bin/python3", "-c", "import falcoria_worker.cli")  # raises unless
     assert box.systemctl("restart", *INSTANCES, timeout=120).returncode == 0
     after = _invocations(box)
     for unit in INSTANCES:
