@@ -274,7 +274,7 @@ def apt_repository(fleet: fleet_mod.Fleet, falcoria_deb: Path, tmp_path: Path) -
             str(harness.REPO / "scripts/make-repo"),
             "--out",
             str(tmp_path / "repo"),
-            *(f"--deb={d}" for d in debs),
+            *(arg for deb in debs for arg in ("--deb", deb)),
         ],
         capture_output=True,
         text=True,
