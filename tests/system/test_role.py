@@ -309,7 +309,7 @@ def test_install_from_the_signed_repository(
     source whose Signed-By is the repository's key alone; a second run changes nothing."""
     url, key = apt_repository
     for machine in fleet.machines.values():
-        machine.run("apt-get", "purge", "-y", "falcoria-worker", timeout=300)
+        machine.run("dpkg", "--purge", "falcoria-worker", timeout=300)  # stops the instances first
     from_repo = {
         **config,
         "falcoria_worker_package_source": "apt",
