@@ -1,5 +1,5 @@
 # One entry point per job; CI runs `make test` through .ci/run (scripts/test).
-.PHONY: help quickstart venv check docs test test-unit test-system security-gate deb bench
+.PHONY: help quickstart venv check docs test test-unit test-system security-gate deb repo bench
 
 help:
 	@echo "make quickstart  install what is needed and scan two local services (Debian 12, root)"
@@ -10,6 +10,7 @@ help:
 	@echo "make check       ruff lint and format check"
 	@echo "make docs        render worker.conf, the man page's settings and the design table from config.py"
 	@echo "make deb         build the Debian package (dh-virtualenv) into _build/"
+	@echo "make repo        signed apt repository for Debian 12 and 13 in _build/repo (KEY=fingerprint, else a test key)"
 	@echo "make bench       run the benchmarks and append results to docs/benchmarks.md"
 
 quickstart:
@@ -39,6 +40,9 @@ security-gate:
 
 deb:
 	scripts/build-deb
+
+repo:
+	scripts/make-repo $(if $(KEY),--key $(KEY))
 
 bench:
 	scripts/bench

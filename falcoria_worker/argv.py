@@ -1,13 +1,16 @@
 """nmap argv for phase 1 and phase 2, built from already validated parts. Always a list, never a shell string.
 
-Layout: [nmap, *options, -p <ports> | --top-ports N, -6, --privileged, -oX <xml>, --stats-every <t>, --,
-target].
+Layout: [nmap, *options, -p <ports> | --top-ports N, -6, --privileged, -S <address> [-e <interface>],
+-oX <xml>, --stats-every <t>, --, target].
 The target comes last and after "--", so even a target that looked like an option could not be read as one.
+-S and -e come from the instance's settings only; the policy refuses both in a task's options, and they are
+added after it has checked them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from falcoria_worker.errors import Rejected
@@ -20,6 +23,19 @@ if TYPE_CHECKING:
 
 # Linux refuses a single argv string over 128 KiB (MAX_ARG_STRLEN); stay well below it.
 MAX_PORT_ARG = 100_000
+
+
+@dataclass(frozen=True)
+class Source:
+    """The instance's SOURCE_ADDRESS, and the interface nmap must be told (-e) when it cannot find the
+    right one itself (source.py decides that, once, at start)."""
+
+    address: str
+    version: int  # 4 or 6
+    interface: str | None = None
+
+    def args(self) -> list[str]:
+        return ["-S", self.address, *(["-e", self.interface] if self.interface else [])]
 
 
 def compact_ports(ports: Iterable[int], *, bridge: int = 0) -> str:
@@ -37,7 +53,13 @@ def compact_ports(ports: Iterable[int], *, bridge: int = 0) -> str:
 
 
 def _tail(
-    task: ScanTask, opts: ScanOptions, *, privileged: bool, xml_path: str, stats_every: str
+    task: ScanTask,
+    opts: ScanOptions,
+    *,
+    privileged: bool,
+    xml_path: str,
+    stats_every: str,
+    source: Source | None,
 ) -> list[str]:
     tail = []
     if task.ip_version == 6 and not opts.ipv6:
@@ -46,18 +68,29 @@ def _tail(
         raise Rejected(f"option '-6' refused: target {task.ip} is IPv4", field="options")
     if privileged:
         tail.append("--privileged")
+    if source is not None:
+        if source.version != task.ip_version:  # Engine.prepare refuses such a task first
+            raise Rejected(f"target {task.ip} is not IPv{source.version} like {source.address}", field="ip")
+        tail += source.args()
     return [*tail, "-oX", xml_path, "--stats-every", stats_every, "--", task.ip]
 
 
 def phase1_argv(
-    task: ScanTask, opts: ScanOptions, *, nmap: str, privileged: bool, xml_path: str, stats_every: str = "2s"
+    task: ScanTask,
+    opts: ScanOptions,
+    *,
+    nmap: str,
+    privileged: bool,
+    xml_path: str,
+    stats_every: str = "2s",
+    source: Source | None = None,
 ) -> list[str]:
     ports = []
     if opts.ports is not None:
         ports += ["-p", opts.ports]
     if opts.top_ports is not None:
         ports += ["--top-ports", str(opts.top_ports)]
-    tail = _tail(task, opts, privileged=privileged, xml_path=xml_path, stats_every=stats_every)
+    tail = _tail(task, opts, privileged=privileged, xml_path=xml_path, stats_every=stats_every, source=source)
     return [nmap, *opts.tokens, *ports, *tail]
 
 
@@ -98,6 +131,7 @@ def phase2_argv(
     privileged: bool,
     xml_path: str,
     stats_every: str = "2s",
+    source: Source | None = None,
 ) -> list[str]:
     """Service detection on phase 1's open ports. Adds the scan types those ports need when the phase-2
     options lack them: -sU for UDP ports, and -sS next to -sU for TCP ports (nmap scans only UDP when
@@ -115,5 +149,5 @@ def phase2_argv(
         extra.append("-sS")
     if bridged and "--open" not in opts.tokens:
         extra.append("--open")  # the bridged ports were not open in phase 1; keep them out of the report
-    tail = _tail(task, opts, privileged=privileged, xml_path=xml_path, stats_every=stats_every)
+    tail = _tail(task, opts, privileged=privileged, xml_path=xml_path, stats_every=stats_every, source=source)
     return [nmap, *opts.tokens, *extra, "-p", expression, *tail]

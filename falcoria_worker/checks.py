@@ -27,6 +27,7 @@ def run_checks(settings: Settings) -> Iterator[Check]:
     for name, probe in (
         ("nmap", lambda: _nmap(settings)),
         ("raw sockets", _raw),
+        ("source address", lambda: _source(settings)),
         ("state dir", lambda: _state_dir(Path(settings.state_dir))),
         ("redis", lambda: _redis(settings)),
         ("rabbitmq", lambda: _rabbitmq(settings)),
@@ -57,6 +58,14 @@ def _nmap(settings: Settings) -> tuple[str, str]:
 
 def _raw() -> tuple[str, str]:
     return FAIL if caps.raw_sockets() is caps.RawSockets.NONE else OK, caps.describe()
+
+
+def _source(settings: Settings) -> tuple[str, str]:
+    if settings.source_address is None:
+        return OK, "not set: the kernel chooses the source address"
+    from falcoria_worker import source
+
+    return OK, source.describe(source.resolve(settings.source_address))
 
 
 def _state_dir(path: Path) -> tuple[str, str]:

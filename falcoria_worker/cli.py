@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from falcoria_worker import __version__, caps
+from falcoria_worker import __version__, caps, spoolctl
 from falcoria_worker.config import Settings, ca_bundle, secret_values
 from falcoria_worker.errors import Cancelled, ConfigError, Rejected, ScanFailed, WorkerError
 from falcoria_worker.model import Phase, parse_task
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check", parents=[common], help="verify config, nmap, raw sockets and the peers")
     sub.add_parser("config", parents=[common], help="print the effective settings (secrets masked)")
     sub.add_parser("register-ip", parents=[common], help="write this host's IP to Redis for Tasker")
+    spoolctl.add_parser(sub, common)
     return parser
 
 
@@ -101,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": _check,
         "config": lambda _a, _s: _config(loaded),
         "register-ip": _register_ip,
+        "spool": spoolctl.main,
     }[args.command]
     _setup_logging(settings, interactive=args.command != "run")
     for warning in loaded.warnings:
@@ -139,6 +141,8 @@ def _setup_logging(settings: Settings, *, interactive: bool) -> None:
 
 
 def engine_from(settings: Settings, *, extra_allow: Sequence[str] = ()) -> Engine:
+    from falcoria_worker import source
+
     return Engine(
         nmap=_nmap_path(settings),
         policy=PolicyConfig(
@@ -149,6 +153,7 @@ def engine_from(settings: Settings, *, extra_allow: Sequence[str] = ()) -> Engin
         raw=caps.raw_sockets(),
         stats_every=settings.stats_every,
         kill_grace=settings.kill_grace,
+        source=source.resolve(settings.source_address) if settings.source_address else None,
     )
 
 

@@ -67,6 +67,7 @@ class Settings:
     node_name: str
     state_dir: Path
     worker_ip: str | None  # canonical text, as Redis stores it
+    source_address: str | None  # nmap sends from it (-S); canonical text
     ip_echo_url: str | None
     # Scanning policy.
     concurrency: int
@@ -282,6 +283,19 @@ def _worker_ip(key: str, text: str) -> str | None:
         ) from None
 
 
+def _source_address(key: str, text: str) -> str | None:
+    if not text:
+        return None
+    fix = f"set {key} to one of this host's own addresses, e.g. 203.0.113.7, or leave it empty"
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise ConfigError(key, f"{_shown(text)} is not an IP address", fix) from None
+    if address.is_unspecified or address.is_multicast or address.is_loopback:
+        raise ConfigError(key, f"{address} cannot be the source of a scan", fix)
+    return address.compressed
+
+
 def _items(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -383,6 +397,7 @@ _KEYS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "NODE_NAME": ("", _node_name),
     "STATE_DIR": ("", _path),  # settings_io supplies $STATE_DIRECTORY when systemd sets it
     "WORKER_IP": ("", _worker_ip),
+    "SOURCE_ADDRESS": ("", _source_address),
     "IP_ECHO_URL": ("", _url),
     "CONCURRENCY": ("1", _int_between(1, 64)),
     "NMAP_PATH": ("nmap", _required_text),

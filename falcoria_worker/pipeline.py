@@ -82,6 +82,7 @@ class Engine:
     raw: RawSockets
     stats_every: str = "2s"
     kill_grace: float = 2.0
+    source: argv.Source | None = None
     run: RunNmap = run_nmap
 
     def prepare(self, task: ScanTask) -> Plan:
@@ -89,6 +90,12 @@ class Engine:
         ports_opts = check_options(task.open_ports_opts, Phase.PORTS, self.policy)
         service_opts = check_options(task.service_opts, Phase.SERVICES, self.policy)
         self.scope.check(task.ip)
+        if self.source is not None and self.source.version != task.ip_version:
+            raise Rejected(
+                f"target {task.ip} refused: this instance scans from the IPv{self.source.version} address "
+                f"{self.source.address} (SOURCE_ADDRESS) and cannot reach an IPv{task.ip_version} target",
+                field="ip",
+            )
         if task.ip_version == 4 and (ports_opts.ipv6 or service_opts.ipv6):
             raise Rejected(f"option '-6' given for the IPv4 target {task.ip}", field="open_ports_opts")
         raw_needed = ports_opts.needs_raw or (task.include_services and service_opts.needs_raw)
@@ -135,6 +142,7 @@ class Engine:
                 privileged=self.privileged,
                 xml_path=str(phase1_xml),
                 stats_every=self.stats_every,
+                source=self.source,
             ),
             phase_dir=workdir / "phase1",
             timeout=task.timeout,
@@ -199,6 +207,7 @@ class Engine:
                 privileged=self.privileged,
                 xml_path=str(phase2_xml),
                 stats_every=self.stats_every,
+                source=self.source,
             ),
             phase_dir=workdir / "phase2",
             timeout=task.timeout,

@@ -7,6 +7,7 @@ Layout under the spool root (names are built from the task id alone, after `_che
     failed/<task_id>/...                 the same plus reason.txt, once ScanLedger refused it for good
     pending/.tmp-<task_id>-<random>      an entry being written
     pending/.done-<task_id>              a delivered entry being removed
+    <pending|failed>/.drop-<name>-<rnd>  an entry the operator dropped, being removed
 
 Every state change is ONE rename of a directory, fsynced together with the directories involved, so a
 crash leaves an entry either wholly pending or wholly not: a half-written entry is only ever seen under a
@@ -55,6 +56,24 @@ class SpoolEntry:
     created: float
 
 
+class SpoolRefused(Exception):
+    """An operator's spool change that was not made, because it would lose or hide a report."""
+
+
+@dataclass(frozen=True)
+class Held:
+    """An entry as `falcoria-worker spool` shows it. `name` is its directory name: the task id, or for
+    a task that failed more than once, the task id and "+N". `entry` is None when meta.json is
+    unreadable (`problem` says why)."""
+
+    state: str  # "pending" or "failed"
+    name: str
+    entry: SpoolEntry | None
+    problem: str | None
+    reason: str | None
+    size: int
+
+
 def _check_task_id(task_id: str) -> str:
     if not valid_task_id(task_id):
         raise ValueError(f"unsafe task id for a spool file name: {task_id!r}")
@@ -97,22 +116,30 @@ def _copy_synced(src: Path, dest: Path) -> None:
 class Spool:
     """The spool directory. Methods are safe to call from several threads."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, owner: bool = True) -> None:
+        """`owner` is the worker that delivers from this spool: it creates the directories and removes
+        what a crash of its predecessor left half-done. The operator's command line is not the owner: a
+        worker may be writing an entry under a dot name right now."""
         self.root = root
         self.pending_dir = root / "pending"
         self.failed_dir = root / "failed"
+        self._fail_lock = threading.Lock()
+        if not owner:
+            if not self.pending_dir.is_dir():
+                raise FileNotFoundError(f"no spool at {root} (wrong --instance or STATE_DIR?)")
+            return
         for path in (root, self.pending_dir, self.failed_dir):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)  # reports are sensitive
-        self._fail_lock = threading.Lock()
         self._recover()
 
     def _recover(self) -> None:
-        """Removes what a crash left half-done: unfinished puts and delivered entries not yet deleted."""
-        for child in self.pending_dir.iterdir():
-            if child.name.startswith((".tmp-", ".done-")):
-                log.info("spool: removing leftover %s", child.name)
-                shutil.rmtree(child)
-        _fsync_dir(self.pending_dir)
+        """Removes what a crash left half-done: unfinished puts, delivered and dropped entries."""
+        for folder in (self.pending_dir, self.failed_dir):
+            for child in folder.iterdir():
+                if child.name.startswith((".tmp-", ".done-", ".drop-")):
+                    log.info("spool: removing leftover %s", child.name)
+                    shutil.rmtree(child)
+            _fsync_dir(folder)
 
     def put(self, task_id: str, xml_src: Path, *, project: str, mode: str, track_history: bool) -> SpoolEntry:
         """Copies the report into the spool, durably, before the caller acks or forgets the task.
@@ -173,20 +200,12 @@ class Spool:
 
     def _load(self, path: Path) -> SpoolEntry | None:
         try:
-            meta = json.loads((path / META).read_bytes())
-            entry = SpoolEntry(
-                task_id=_check_task_id(path.name),
-                project=str(meta["project"]),
-                mode=str(meta["mode"]),
-                track_history=bool(meta["track_history"]),
-                xml=path / REPORT,
-                created=float(meta["created"]),
-            )
+            entry = _read_entry(path)
         except FileNotFoundError:
             if not path.exists():
                 return None  # delivered or failed by another thread meanwhile
             problem = "meta.json missing"
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             problem = f"meta.json unreadable: {exc}"
         else:
             return entry
@@ -221,6 +240,113 @@ class Spool:
             os.rename(path, dest)
         _fsync_committed(self.failed_dir, self.pending_dir)
 
+    # --- what the operator does with `falcoria-worker spool` ---------------------------------------
+
+    def held(self) -> list[Held]:
+        """Every pending and failed entry, oldest first within each; reads only, moves nothing."""
+        out = []
+        for state, folder in (("pending", self.pending_dir), ("failed", self.failed_dir)):
+            items = []
+            for child in folder.iterdir() if folder.is_dir() else ():
+                if child.name.startswith(".") or not child.is_dir():
+                    continue
+                items.append(_held(state, child))
+            items.sort(key=lambda h: (h.entry.created if h.entry else 0.0, h.name))
+            out += items
+        return out
+
+    def find(self, name: str) -> Held:
+        """The entry called `name`; SpoolRefused if there is none. A task can be pending and have
+        failed before under the same name: the failed entry is the one an operator acts on."""
+        for state, folder in (("failed", self.failed_dir), ("pending", self.pending_dir)):
+            path = folder / name
+            if _entry_name(name) and path.is_dir():
+                return _held(state, path)
+        raise SpoolRefused(f"no spool entry {name!r} (see `falcoria-worker spool list`)")
+
+    def requeue(self, name: str) -> SpoolEntry:
+        """Moves a failed entry back to pending, under its task id, for the deliverer's next pass.
+
+        Refused when the move would lose or bury a report: the task is pending already (a newer
+        report of the same task, which this one would have to replace), or the entry could not be
+        uploaded as it is (meta.json or the report missing), which would only fail it again."""
+        held = self.find(name)
+        if held.state != "failed":
+            raise SpoolRefused(f"{name} is pending already: the worker delivers it")
+        if held.entry is None:
+            raise SpoolRefused(f"{name} cannot be retried: {held.problem}; `spool show` it, then drop it")
+        if not held.entry.xml.is_file():
+            raise SpoolRefused(f"{name} cannot be retried: its {REPORT} is missing")
+        task_id = held.entry.task_id
+        source = self.failed_dir / name
+        if (self.pending_dir / task_id).exists():
+            raise SpoolRefused(
+                f"{name} cannot be retried: task {task_id} is pending with another report, which a "
+                "retry would have to replace; wait for it to be delivered, or drop one of the two"
+            )
+        (source / REASON).unlink(missing_ok=True)  # the reason of the last refusal, not part of the report
+        try:
+            os.rename(source, self.pending_dir / task_id)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise SpoolRefused(
+                    f"{name} cannot be retried: task {task_id} became pending meanwhile"
+                ) from None
+            raise
+        _fsync_committed(self.pending_dir, self.failed_dir)
+        return held.entry
+
+    def drop(self, name: str, *, pending: bool = False) -> Held:
+        """Deletes an entry for good. A pending entry is a report not yet delivered: only with `pending`."""
+        held = self.find(name)
+        if held.state == "pending" and not pending:
+            raise SpoolRefused(
+                f"{name} is pending, not failed: it is a report ScanLedger has not seen yet; "
+                "give --pending to drop it anyway"
+            )
+        folder = self.pending_dir if held.state == "pending" else self.failed_dir
+        gone = folder / f".drop-{name}-{secrets.token_hex(4)}"
+        os.rename(folder / name, gone)  # the commit: a dot name is never delivered nor listed
+        _fsync_committed(folder)
+        shutil.rmtree(gone, ignore_errors=True)
+        return held
+
+
+def _entry_name(name: str) -> bool:
+    task_id, plus, n = name.partition("+")
+    return valid_task_id(task_id) and (not plus or n.isdigit())
+
+
+def _read_entry(path: Path) -> SpoolEntry:
+    """The entry in directory `path` (pending or failed); raises when meta.json is missing or bad."""
+    meta = json.loads((path / META).read_bytes())
+    task_id = str(meta.get("task_id", path.name.partition("+")[0]))
+    if task_id != path.name.partition("+")[0]:
+        raise ValueError(f"it names task {task_id!r}, the directory another")
+    return SpoolEntry(
+        task_id=_check_task_id(task_id),
+        project=str(meta["project"]),
+        mode=str(meta["mode"]),
+        track_history=bool(meta["track_history"]),
+        xml=path / REPORT,
+        created=float(meta["created"]),
+    )
+
+
+def _held(state: str, path: Path) -> Held:
+    entry: SpoolEntry | None = None
+    problem = reason = None
+    try:
+        entry = _read_entry(path)
+    except FileNotFoundError:
+        problem = f"{META} missing"
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        problem = f"{META} unreadable: {exc}"
+    if (path / REASON).is_file():
+        reason = (path / REASON).read_text(errors="replace").strip() or None
+    size = (path / REPORT).stat().st_size if (path / REPORT).is_file() else 0
+    return Held(state, path.name, entry, problem, reason, size)
+
 
 def _fields(entry: SpoolEntry) -> dict[str, str]:
     """Journal fields of a log record about one entry."""
@@ -236,7 +362,9 @@ class Deliverer(threading.Thread):
 
     Waiting: when ScanLedger is unavailable (connection error, timeout, 429, 502-504) the pass stops and
     the whole spool backs off, capped exponentially with jitter, honouring Retry-After; `wake()` does not
-    cut that short, so an outage never turns into a loop. A 500 is ScanLedger's answer to a report its
+    cut that short, so an outage never turns into a loop. Idle, it looks again every `rescan_every`
+    seconds, which is how an entry the operator re-drove with `falcoria-worker spool retry` (another
+    process) gets delivered. A 500 is ScanLedger's answer to a report its
     parser chokes on, so it backs off that entry alone and the pass goes on: one bad report must not hold
     the others back (which means a later report can overtake it). An entry that failed `give_up_after`
     times, while reports queued after its first failure were accepted, is this report's problem and not
@@ -253,6 +381,7 @@ class Deliverer(threading.Thread):
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
         give_up_after: int = 10,
+        rescan_every: float = 30.0,
     ) -> None:
         super().__init__(name="spool-deliverer", daemon=True)
         self._spool = spool
@@ -264,6 +393,7 @@ class Deliverer(threading.Thread):
         self._stopping = threading.Event()
         self._outages = 0  # consecutive passes cut short by an unavailable ScanLedger
         self._give_up_after = give_up_after
+        self._rescan_every = rescan_every
         self._accepted = 0  # reports ScanLedger accepted so far (to tell a bad report from an outage)
         # entry -> (failures, monotonic due, self._accepted at its first failure)
         self._retry: dict[tuple[str, float], tuple[int, float, int]] = {}
@@ -294,7 +424,7 @@ class Deliverer(threading.Thread):
                 self._outages += 1
                 wait, wakeable = self._backoff(self._outages), False
             if wakeable:
-                self._wake.wait(wait)
+                self._wake.wait(self._rescan_every if wait is None else min(wait, self._rescan_every))
             else:
                 self._stopping.wait(wait)
 

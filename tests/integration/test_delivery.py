@@ -4,6 +4,7 @@ through outages, refusals and a killed process; permanent refusals kept in faile
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -77,7 +78,7 @@ class Harness:
     def ledger(self, token: str | None = None) -> AttemptSignal:
         return AttemptSignal(self.fake.url, token or self.fake.token)
 
-    def start(self, ledger: ScanLedger | None = None, **options: int) -> Deliverer:
+    def start(self, ledger: ScanLedger | None = None, **options: float) -> Deliverer:
         deliverer = Deliverer(
             self.spool,
             ledger or self.ledger(),
@@ -350,6 +351,40 @@ def test_token_never_in_logs_exceptions_or_file_names(h: Harness, caplog: pytest
 
 
 # --- the client on its own ----------------------------------------------------------------------------
+
+
+def test_refused_report_retried_from_the_command_line_is_delivered_once(h: Harness) -> None:
+    """ScanLedger refuses a report for good (unknown project); the operator fixes ScanLedger and runs
+    `falcoria-worker spool retry` in another process; the running deliverer picks it up by itself."""
+    project = str(uuid.uuid4())  # not created in ScanLedger yet: 404, a permanent refusal
+    h.start(rescan_every=0.1)
+    h.put(project=project)
+    task_id, reason, _ = h.results.next()
+    assert task_id == "task-1" and reason is not None and "404" in reason
+    assert (h.spool.failed_dir / "task-1").is_dir()
+    h.fake.add_project(project)
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "LANG": "C.UTF-8"}
+    listing = subprocess.run(
+        [sys.executable, "-m", "falcoria_worker", "spool", "list", "--json", "--set", f"STATE_DIR={h.tmp}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    [failed] = json.loads(listing.stdout)["entries"]
+    assert (failed["state"], failed["name"], failed["reason"]) == ("failed", "task-1", reason)
+    retry = subprocess.run(
+        [sys.executable, "-m", "falcoria_worker", "spool", "retry", "task-1", "--set", f"STATE_DIR={h.tmp}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert retry.returncode == 0, retry.stderr
+    assert h.results.next() == ("task-1", None, False)
+    [upload] = h.fake.uploads
+    assert (upload.project, upload.xml) == (project, h.report.read_bytes())
+    assert h.spool.held() == []
 
 
 def test_health(h: Harness) -> None:

@@ -11,6 +11,7 @@ import argparse
 import socket
 import socketserver
 import threading
+from pathlib import Path
 
 READ_TIMEOUT = 10.0  # a client that sends nothing is dropped after this long
 
@@ -20,6 +21,9 @@ class _BannerHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         sock: socket.socket = self.request
+        if self.server.peers is not None:
+            with self.server.peers_lock, self.server.peers.open("a") as out:
+                out.write(f"{self.client_address[0]}\n")
         try:
             sock.settimeout(READ_TIMEOUT)
             if self.server.banner:
@@ -36,8 +40,10 @@ class BannerServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     request_queue_size = 4096  # a connect scan opens connections faster than one accept thread drains
 
-    def __init__(self, host: str, port: int, banner: bytes) -> None:
+    def __init__(self, host: str, port: int, banner: bytes, peers: Path | None = None) -> None:
         self.banner = banner
+        self.peers = peers  # file that gets each connection's source address, one a line
+        self.peers_lock = threading.Lock()
         super().__init__((host, port), _BannerHandler)
 
     def handle_error(self, request: object, client_address: object) -> None:
@@ -57,9 +63,10 @@ def main() -> None:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--banner", default="", help="sent on connect, followed by CRLF")
+    parser.add_argument("--peers", type=Path, help="append each connection's source address to this file")
     args = parser.parse_args()
     banner = (args.banner + "\r\n").encode() if args.banner else b""
-    with BannerServer(args.host, args.port, banner) as server:
+    with BannerServer(args.host, args.port, banner, args.peers) as server:
         server.serve_forever()
 
 

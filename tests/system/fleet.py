@@ -1,5 +1,6 @@
-"""A small fleet for the Ansible role's system test: Debian 12 containers with systemd and sshd, each in
-its own network namespace on one bridge, reached from the host over ssh as Ansible reaches real hosts.
+"""A small fleet for the Ansible role's system test: a Debian 12 and a Debian 13 container with systemd and
+sshd, each in its own network namespace on one bridge, reached from the host over ssh as Ansible reaches
+real hosts.
 
     Fleet      bridge + one netns per machine, an ssh key pair, the booted harness.Containers
     Playbook   runs ansible-playbook (ansible-core from this venv) against the fleet, parses the result
@@ -7,8 +8,8 @@ its own network namespace on one bridge, reached from the host over ssh as Ansib
 Layout (SUBNET = 10.250.120.0/24, apart from harness.py's 10.250.100.0/24 so both can run at once):
 
     host   fwrole-br   10.250.120.1    Redis and RabbitMQ bind here (Fleet.host_ip)
-    netns  fwrole-a    10.250.120.11   container fwrole-a (sshd on :22), default route via .1
-    netns  fwrole-b    10.250.120.12   container fwrole-b
+    netns  fwrole-a    10.250.120.11   container fwrole-a, Debian 12 (sshd on :22), default route via .1
+    netns  fwrole-b    10.250.120.12   container fwrole-b, Debian 13
 
 Booting, running commands inside and tearing down are harness.py's (Container); this module adds what
 a fleet needs on top: more than one machine, sshd reachable from the host, and the playbook runner.
@@ -36,6 +37,7 @@ SUBNET = "10.250.120"
 HOST_IP = f"{SUBNET}.1"
 BRIDGE = "fwrole-br"
 MACHINES = {"fwrole-a": f"{SUBNET}.11", "fwrole-b": f"{SUBNET}.12"}
+RELEASES = {"fwrole-a": "bookworm", "fwrole-b": "trixie"}  # the role is tested on Debian 12 and 13
 ANSIBLE_DIR = harness.REPO / "ansible"
 SSH_TIMEOUT = 30.0
 
@@ -97,13 +99,20 @@ class Fleet:
     def key(self) -> Path:
         return self.workdir / "id_ed25519"
 
-    def boot(self, tarball: Path) -> None:
+    def boot(self, tarballs: Mapping[str, Path]) -> None:
+        """Boots each machine from the rootfs tarball of its release (RELEASES)."""
         harness.sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fwrole", "-f", str(self.key))
         public = self.key.with_suffix(".pub").read_text()
         for name, ip in self.addresses.items():
             # A Lab only to name the namespace the container joins; the network is ours (_build_network).
             lab = harness.Lab(host_ip=self.host_ip, container_ip=ip, container_netns=name, targets={})
-            machine = harness.Container(tarball=tarball, lab=lab, workdir=self.workdir / name, machine=name)
+            machine = harness.Container(
+                tarball=tarballs[RELEASES[name]],
+                lab=lab,
+                workdir=self.workdir / name,
+                machine=name,
+                suite=RELEASES[name],
+            )
             self.machines[name] = machine
             machine.boot()
             machine.write("/root/.ssh/authorized_keys", public, mode=0o600)
@@ -156,16 +165,20 @@ class Fleet:
         return {"falcoria_workers": {"hosts": hosts, "vars": dict(group_vars)}}
 
 
+def release_tarballs(timings: dict[str, float] | None = None) -> dict[str, Path]:
+    return {suite: harness.rootfs_tarball((), timings, suite) for suite in sorted(set(RELEASES.values()))}
+
+
 @contextlib.contextmanager
 def booted_fleet(timings: dict[str, float] | None = None) -> Iterator[Fleet]:
     """Cached rootfs -> bridge and namespaces -> booted machines with sshd; all removed on the way out."""
     timings = {} if timings is None else timings
-    tarball = harness.rootfs_tarball((), timings)
+    tarballs = release_tarballs(timings)
     fleet = Fleet(workdir=Path(tempfile.mkdtemp(prefix="fwrole-")))
     started = time.monotonic()
     try:
         _build_network()
-        fleet.boot(tarball)
+        fleet.boot(tarballs)
         timings["fleet boot (2 machines, sshd up)"] = time.monotonic() - started
         yield fleet
     finally:

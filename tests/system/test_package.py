@@ -314,6 +314,63 @@ def test_upgrade_to_a_higher_version_restarts_instances_on_the_new_code(
         assert f"falcoria-worker {new_version} starting" in started, started[-2000:]
 
 
+def _download_installed(box: harness.Container, package: str, into: Path) -> Path:
+    """The .deb of `package` at the version installed in the container, fetched on the host from the
+    host's own mirrors for the container's release (a private apt state: the host's is not touched)."""
+    version = box.run("dpkg-query", "-W", "-f=${Version}", package).stdout.strip()
+    (into / "lists/partial").mkdir(parents=True)
+    (into / "cache/archives/partial").mkdir(parents=True)
+    (into / "sources.list").write_text("\n".join(harness.apt_sources(box.suite)) + "\n")
+    apt = [
+        *("-o", f"Dir::Etc::SourceList={into}/sources.list", "-o", "Dir::Etc::SourceParts=-"),
+        *("-o", f"Dir::State::Lists={into}/lists", "-o", f"Dir::Cache={into}/cache"),
+        *("-o", "Debug::NoLocking=1", "-qq"),
+    ]
+    harness.sh("apt-get", *apt, "update", timeout=300)
+    fetched = subprocess.run(
+        ["apt-get", *apt, "download", f"{package}={version}"],
+        cwd=into,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if fetched.returncode != 0:
+        pytest.skip(
+            f"{package} {version} (the container's) is no longer on the mirror: {fetched.stderr[-300:]}"
+        )
+    [deb] = into.glob(f"{package}_*.deb")
+    return deb
+
+
+def test_reinstalled_interpreter_fires_the_trigger_and_the_worker_still_starts(
+    configured: harness.Container, tmp_path: Path
+) -> None:
+    """python3.X is reinstalled under the venv (as a point release would replace it): dpkg runs the
+    package's interpreter trigger, whose handler re-points the venv at it, and the worker starts."""
+    box = configured
+    # bin/python and bin/python3 link to bin/python3.X, which links to the interpreter.
+    python = box.run("readlink", "-f", "/opt/venvs/falcoria-worker/bin/python3").stdout.strip()
+    assert re.fullmatch(r"/usr/bin/python3\.\d+", python), python
+    triggers = box.path("/var/lib/dpkg/info/falcoria-worker.triggers").read_text()
+    assert f"interest-noawait {python}" in triggers.splitlines(), triggers
+    package = f"{Path(python).name}-minimal"  # the package that ships /usr/bin/python3.X
+    assert box.run("dpkg", "-S", python).stdout.startswith(f"{package}:"), python
+    deb = _download_installed(box, package, tmp_path)
+    box.copy_in(deb, f"/root/{deb.name}")
+    before = _invocations(box)
+    reinstall = box.run("dpkg", "-i", f"/root/{deb.name}", timeout=300)
+    assert "falcoria-worker: venv updated for Python" in reinstall.stdout, reinstall.stdout + reinstall.stderr
+    assert box.run("readlink", "-f", "/opt/venvs/falcoria-worker/bin/python3").stdout.strip() == python
+    box.run("/opt/venvs/falcoria-worker/bin/python3", "-c", "import falcoria_worker.cli")  # raises unless
+    assert box.systemctl("restart", *INSTANCES, timeout=120).returncode == 0
+    after = _invocations(box)
+    for unit in INSTANCES:
+        props = box.show(unit, "ActiveState", "SubState", "StatusText")
+        assert (props["ActiveState"], props["SubState"]) == ("active", "running"), props
+        assert after[unit] != before[unit], unit
+
+
 def test_journal_is_readable_from_the_host(configured: harness.Container) -> None:
     for unit in INSTANCES:
         text = configured.host_journal("-u", unit, "-o", "cat")

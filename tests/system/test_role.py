@@ -1,13 +1,18 @@
-"""The Ansible role over ssh against two booted Debian 12 machines (fleet.py), with Redis and RabbitMQ on the
-host: a first rollout, a second run that changes nothing, a dry run, a config change that restarts only
-the instances, scaling down, and a canary with wrong broker settings that stops the rollout.
+"""The Ansible role over ssh against two booted machines, Debian 12 and Debian 13 (fleet.py), with Redis and
+RabbitMQ on the host: a first rollout, a second run that changes nothing, a dry run, a config change that
+restarts only the instances, scaling down, a canary with wrong broker settings that stops the rollout, and
+an install from the fleet's signed apt repository (scripts/make-repo) served on the bridge.
 
 One scenario in order: each test starts from the state the previous one left.
 """
 
 from __future__ import annotations
 
+import functools
+import http.server
 import re
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +23,7 @@ import yaml
 from tests.support.services import RabbitMQ, RedisServer, service_pair
 from tests.system import fleet as fleet_mod
 from tests.system import harness
-from tests.system.conftest import FACTS, TIMINGS
+from tests.system.conftest import FACTS, TIMINGS, deb_for
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
@@ -65,6 +70,14 @@ def config(
         "falcoria_worker_ready_timeout": 30,
         "falcoria_worker_instance_settings": {"2": {"CONCURRENCY": 3}},
     }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_debs() -> None:
+    """Each host gets the build for its release: the group's .deb is Debian 12's."""
+    for name, suite in fleet_mod.RELEASES.items():
+        if suite != harness.SUITE:
+            HOST_VARS.setdefault(name, {})["falcoria_worker_deb"] = str(deb_for(suite))
 
 
 # Per-host variables as an inventory would have them; updated by the tests that change them.
@@ -218,7 +231,7 @@ def test_a_new_nat_address_is_registered_at_once(
     services: tuple[RedisServer, RabbitMQ],
 ) -> None:
     moved = f"{fleet_mod.SUBNET}.213"
-    result = playbook.run(config, host_vars={SECOND: {"falcoria_worker_ip": moved}})
+    result = playbook.run(config, host_vars={SECOND: {**HOST_VARS[SECOND], "falcoria_worker_ip": moved}})
     assert result.rc == 0, _explain(result)
     assert result.changed(CANARY) == 0, _explain(result)
     assert "Register this host's IP in Redis for Tasker" in result.changed_tasks[SECOND], _explain(result)
@@ -249,3 +262,73 @@ def test_a_canary_with_wrong_broker_settings_stops_the_rollout(
     # The next batch never started: the second host is not in the recap and its config is untouched.
     assert fleet_mod.hosts_in(result, [SECOND]) == [], _explain(result)
     assert fleet.machines[SECOND].run("cat", "/etc/falcoria-worker/worker.conf").stdout == second_conf
+
+
+@pytest.fixture
+def apt_repository(fleet: fleet_mod.Fleet, falcoria_deb: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """scripts/make-repo's signed repository (a generated test key) with each release's .deb, served over
+    http on the fleet's bridge address; yields (URL, the armored public key)."""
+    debs = [f"{suite}={deb_for(suite)}" for suite in sorted(set(fleet_mod.RELEASES.values()))]
+    made = subprocess.run(
+        [
+            str(harness.REPO / "scripts/make-repo"),
+            "--out",
+            str(tmp_path / "repo"),
+            *(arg for deb in debs for arg in ("--deb", deb)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    root = Path(made.stdout.strip().splitlines()[-1])
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer((fleet.host_ip, 0), handler)
+    thread = threading.Thread(target=server.serve_forever, name="apt-repository", daemon=True)
+    thread.start()
+    try:
+        yield f"http://{fleet.host_ip}:{server.server_address[1]}", (root / "falcoria-worker.asc").read_text()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """apt's requests are not the test's output."""
+
+
+def test_install_from_the_signed_repository(
+    fleet: fleet_mod.Fleet,
+    playbook: fleet_mod.Playbook,
+    config: dict[str, object],
+    apt_repository: tuple[str, str],
+) -> None:
+    """The hosts drop the pushed package and install it again from the fleet's repository: a deb822
+    source whose Signed-By is the repository's key alone; a second run changes nothing."""
+    url, key = apt_repository
+    for machine in fleet.machines.values():
+        machine.run("dpkg", "--purge", "falcoria-worker", timeout=300)  # stops the instances first
+    from_repo = {
+        **config,
+        "falcoria_worker_package_source": "apt",
+        "falcoria_worker_apt_repository_url": url,
+        "falcoria_worker_apt_repository_key": key,
+    }
+    # The canary's broken broker port of the previous test is gone: plain host variables again.
+    result = playbook.run(from_repo, host_vars=HOST_VARS)
+    TIMINGS["role: install from the signed repository (2 hosts)"] = result.seconds
+    assert result.rc == 0, _explain(result)
+    for name, machine in fleet.machines.items():
+        source = machine.run("cat", "/etc/apt/sources.list.d/falcoria-worker.sources").stdout
+        assert f"URIs: {url}" in source and "Signed-By: /etc/apt/keyrings/falcoria-worker.asc" in source
+        assert f"Suites: {fleet_mod.RELEASES[name]}" in source
+        policy = machine.run("apt-cache", "policy", "falcoria-worker").stdout
+        assert url in policy, policy
+        assert machine.show("falcoria-worker@1.service", "ActiveState")["ActiveState"] == "active"
+    again = playbook.run(from_repo, host_vars=HOST_VARS)
+    assert again.rc == 0, _explain(again)
+    assert {name: row["changed"] for name, row in again.recap.items()} == {CANARY: 0, SECOND: 0}, (
+        f"changed: {again.changed_tasks}"
+    )

@@ -5,6 +5,7 @@ oracle reading the same ports, services and scripts from the raw phase files."""
 
 from __future__ import annotations
 
+import shutil
 import tracemalloc
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -113,6 +114,8 @@ def edited(tmp_path: Path, source: Path, name: str, old: str, new: str) -> Path:
 
 
 def python_nmap(data: bytes) -> dict:
+    if shutil.which("nmap") is None:  # a package build's check runs without it
+        pytest.skip("python-nmap's PortScanner wants the nmap binary, even only to parse XML")
     return nmap.PortScanner().analyse_nmap_xml_scan(data.decode("utf-8"))["scan"]
 
 
