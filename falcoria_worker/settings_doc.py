@@ -132,6 +132,12 @@ SECTIONS: tuple[Section, ...] = (
                 "IP address registered in Redis for Tasker. Empty = the source address of the default route.",
             ),
             (
+                "SOURCE_ADDRESS",
+                "Address nmap sends this instance's scans from (nmap -S), for hosts with several addresses:"
+                " set it per instance, in /etc/falcoria-worker/worker@<INSTANCE>.conf. It must be an address"
+                " of this host; tasks of the other address family are refused. Empty = the kernel chooses.",
+            ),
+            (
                 "IP_ECHO_URL",
                 'Optional "what is my IP" URL of your own, asked for the public address. Empty = off; no'
                 " third-party service is ever asked.",
