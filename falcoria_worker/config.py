@@ -12,17 +12,13 @@ and never for `SECRET_KEYS`.
 
 from __future__ import annotations
 
-import ipaddress
-import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
+from falcoria_worker import setting_checks as v
 from falcoria_worker.errors import ConfigError
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True)
@@ -101,332 +97,71 @@ class Settings:
     unknown_keys: tuple[str, ...] = ()
 
 
-# --- value checks: each takes (key, text) and returns the typed value or raises ConfigError ----------
-
-
-def _shown(text: str) -> str:
-    """The offending value for an error message, bounded so a pasted file cannot flood the log."""
-    return repr(text) if len(text) <= 80 else repr(text[:80]) + "..."
-
-
-def _printable(key: str, text: str) -> str:
-    # A control character in a setting is a paste accident at best and header/argv injection at worst.
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        shown = "" if key in SECRET_KEYS else f" {_shown(text)}"
-        raise ConfigError(key, f"value{shown} contains a control character", f"set {key} on one line")
-    return text
-
-
-def _required_text(key: str, text: str) -> str:
-    if not text.strip():
-        raise ConfigError(key, "is empty", f"set {key} or remove it to use the default")
-    return _printable(key, text)
-
-
-def _int_between(low: int, high: int | None) -> Callable[[str, str], int]:
-    span = f"between {low} and {high}" if high is not None else f"of at least {low}"
-
-    def check(key: str, text: str) -> int:
-        try:
-            value = int(text.strip(), 10)
-        except ValueError:
-            raise ConfigError(
-                key, f"{_shown(text)} is not a whole number", f"set {key} to a number {span}"
-            ) from None
-        if value < low or (high is not None and value > high):
-            raise ConfigError(key, f"{value} is out of range", f"set {key} to a number {span}")
-        return value
-
-    return check
-
-
-def _seconds(key: str, text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(key, f"{_shown(text)} is not a positive number of seconds", f"set {key} to e.g. 60")
-    return value
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _bool(key: str, text: str) -> bool:
-    word = text.strip().lower()
-    if word in _TRUE:
-        return True
-    if word in _FALSE:
-        return False
-    raise ConfigError(key, f"{_shown(text)} is not a boolean", f"set {key} to true or false")
-
-
-_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-_DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
-
-
-def _host(key: str, text: str) -> str:
-    """A DNS name or an IP address (brackets around IPv6 are dropped: URLs add their own)."""
-    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-    try:
-        return ipaddress.ip_address(bare).compressed
-    except ValueError:
-        pass
-    if len(bare) > 253 or not _DNS_NAME.fullmatch(bare):
-        raise ConfigError(
-            key, f"{_shown(text)} is not a host name or IP address", f"set {key} to e.g. localhost"
-        )
-    return bare
-
-
-def _identity_host(key: str, text: str) -> str:
-    """This machine's name: Redis keys and the Celery node name carry it, so no ':' '@' or spaces."""
-    if len(text) > 253 or not _DNS_NAME.fullmatch(text) or text.endswith("."):
-        raise ConfigError(
-            key,
-            f"{_shown(text)} is not a host name (letters, digits, '-', '_' and dots)",
-            f"set {key} to this scanner's host name, as Tasker sees it in Celery node names",
-        )
-    return text
-
-
-_INSTANCE = re.compile(r"[A-Za-z0-9_-]{1,32}")
-
-
-def check_instance(key: str, text: str) -> str:
-    """Also used by settings_io before the instance name becomes part of a file name."""
-    if not _INSTANCE.fullmatch(text):
-        raise ConfigError(
-            key,
-            f"{_shown(text)} is not an instance name",
-            f"set {key} to 1 to 32 letters, digits, '-' or '_' (the %i of falcoria-worker@%i)",
-        )
-    return text
-
-
-_NODE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-
-
-def _node_name(key: str, text: str) -> str:
-    if not _NODE_NAME.fullmatch(text):
-        raise ConfigError(
-            key, f"{_shown(text)} is not a node name", f"set {key} to letters, digits, '.', '-' or '_'"
-        )
-    return text
-
-
-# AMQP short strings are at most 255 bytes; the charset is what RabbitMQ names conventionally use and keeps
-# '#'/'*' for routing-key wildcards.
-_AMQP_NAME = re.compile(r"[A-Za-z0-9_.:#*-]{1,255}")
-
-
-def _amqp_name(key: str, text: str) -> str:
-    if not _AMQP_NAME.fullmatch(text):
-        raise ConfigError(
-            key, f"{_shown(text)} is not an AMQP name", f"set {key} to letters, digits, '.', '-', '_' or ':'"
-        )
-    return text
-
-
-_EXCHANGE_TYPES = ("direct", "fanout", "headers", "topic")
-
-
-def _exchange_type(key: str, text: str) -> str:
-    if text not in _EXCHANGE_TYPES:
-        raise ConfigError(key, f"{_shown(text)} is not an exchange type", f"set {key} to topic (Tasker's)")
-    return text
-
-
-def _url(key: str, text: str) -> str | None:
-    """An http(s) base URL without credentials, trailing '/' stripped (paths are appended to it).
-
-    The URL itself is never quoted back: a mistyped one may carry a password or a token.
-    """
-    if not text:
-        return None
-    _printable(key, text)
-    fix = f"set {key} to a plain URL like https://scanledger.example:8443"
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 -- raises ValueError for a port outside 0..65535
-    except ValueError:
-        raise ConfigError(key, "is not a valid URL", fix) from None
-    if parts.scheme not in ("http", "https"):
-        raise ConfigError(key, f"scheme {_shown(parts.scheme)} is not http or https", fix)
-    if not parts.hostname:
-        raise ConfigError(key, "has no host", fix)
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(key, "contains user:password@", f"remove the credentials from {key}")
-    if parts.query or parts.fragment:
-        raise ConfigError(key, "has a ?query or #fragment", fix)
-    return text.rstrip("/")
-
-
-def _optional_path(key: str, text: str) -> Path | None:
-    return Path(_printable(key, text)) if text else None
-
-
-def _path(key: str, text: str) -> Path:
-    return Path(_printable(key, text))
-
-
-def _worker_ip(key: str, text: str) -> str | None:
-    if not text:
-        return None
-    try:
-        return ipaddress.ip_address(text.strip()).compressed
-    except ValueError:
-        raise ConfigError(
-            key, f"{_shown(text)} is not an IP address", f"set {key} to e.g. 203.0.113.7 or leave it empty"
-        ) from None
-
-
-def _source_address(key: str, text: str) -> str | None:
-    if not text:
-        return None
-    fix = f"set {key} to one of this host's own addresses, e.g. 203.0.113.7, or leave it empty"
-    try:
-        address = ipaddress.ip_address(text.strip())
-    except ValueError:
-        raise ConfigError(key, f"{_shown(text)} is not an IP address", fix) from None
-    if address.is_unspecified or address.is_multicast or address.is_loopback:
-        raise ConfigError(key, f"{address} cannot be the source of a scan", fix)
-    return address.compressed
-
-
-def _items(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-_SCRIPT = re.compile(r"[a-z0-9_-]+")
-
-
-def _scripts(key: str, text: str) -> tuple[str, ...]:
-    names = _items(text)
-    for name in names:
-        if not _SCRIPT.fullmatch(name):
-            raise ConfigError(
-                key,
-                f"{_shown(name)} is not an NSE script name",
-                f"list script names like http-title,ssl-cert in {key} (lower case, no .nse, no paths)",
-            )
-    return tuple(dict.fromkeys(names))
-
-
-_FLAG = re.compile(r"--?[A-Za-z0-9][A-Za-z0-9-]*")
-
-
-def _flags(key: str, text: str) -> tuple[str, ...]:
-    flags = _items(text)
-    for flag in flags:
-        if not _FLAG.fullmatch(flag):
-            raise ConfigError(
-                key, f"{_shown(flag)} is not an nmap flag", f"list value-less flags like --reason,-v in {key}"
-            )
-    return tuple(dict.fromkeys(flags))
-
-
-def _networks(key: str, text: str) -> tuple[str, ...]:
-    networks = []
-    for item in _items(text):
-        try:
-            networks.append(str(ipaddress.ip_network(item, strict=True)))
-        except ValueError as exc:
-            # strict=True: "10.0.0.1/8" is more likely a typo than a wish for 10.0.0.0/8.
-            raise ConfigError(
-                key,
-                f"{_shown(item)} is not a network ({exc})",
-                f"list CIDRs like 10.0.0.0/8,2001:db8::/32 in {key}",
-            ) from None
-    return tuple(dict.fromkeys(networks))
-
-
-_TIME_SPEC = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:ms|s|m|h)?")
-
-
-def _nmap_time(key: str, text: str) -> str:
-    value = text.strip()
-    if not _TIME_SPEC.fullmatch(value) or float(re.sub(r"[a-z]+$", "", value)) <= 0:
-        raise ConfigError(key, f"{_shown(text)} is not an nmap time", f"set {key} to e.g. 2s, 500ms or 1m")
-    return value
-
-
-def _log_level(key: str, text: str) -> str:
-    level = text.strip().upper()
-    if level not in LOG_LEVELS:
-        raise ConfigError(
-            key, f"{_shown(text)} is not a log level", f"set {key} to one of {', '.join(LOG_LEVELS)}"
-        )
-    return level
-
-
 # --- the table: key -> (text default, check). Order = Settings field order (a unit test holds them equal).
 
 _KEYS: dict[str, tuple[str, Callable[[str, str], object]]] = {
-    "RABBITMQ_HOST": ("localhost", _host),
-    "RABBITMQ_PORT": ("5672", _int_between(1, 65535)),
-    "RABBITMQ_USER": ("guest", _required_text),
-    "RABBITMQ_PASSWORD": ("", _printable),
-    "RABBITMQ_VHOST": ("/", _printable),
-    "RABBITMQ_SSL": ("false", _bool),
-    "RABBITMQ_SSL_CERTFILE": ("", _optional_path),
-    "RABBITMQ_SSL_KEYFILE": ("", _optional_path),
-    "EXCHANGE_NAME": ("nmap_exchange", _amqp_name),
-    "EXCHANGE_TYPE": ("topic", _exchange_type),
-    "NMAP_SCAN_QUEUE_NAME": ("nmap_scan_queue", _amqp_name),
-    "NMAP_SCAN_ROUTING_KEY": ("nmap.scan", _amqp_name),
-    "NMAP_CANCEL_QUEUE_NAME": ("nmap_cancel_queue", _amqp_name),
-    "WORKER_SERVICE_BROADCAST_QUEUE": ("worker_service_broadcast", _amqp_name),
-    "REDIS_HOST": ("localhost", _host),
-    "REDIS_PORT": ("6379", _int_between(1, 65535)),
+    "RABBITMQ_HOST": ("localhost", v.parse_host),
+    "RABBITMQ_PORT": ("5672", v.parse_int_between(1, 65535)),
+    "RABBITMQ_USER": ("guest", v.parse_required_text),
+    "RABBITMQ_PASSWORD": ("", v.parse_printable),
+    "RABBITMQ_VHOST": ("/", v.parse_printable),
+    "RABBITMQ_SSL": ("false", v.parse_bool),
+    "RABBITMQ_SSL_CERTFILE": ("", v.parse_optional_path),
+    "RABBITMQ_SSL_KEYFILE": ("", v.parse_optional_path),
+    "EXCHANGE_NAME": ("nmap_exchange", v.parse_amqp_name),
+    "EXCHANGE_TYPE": ("topic", v.parse_exchange_type),
+    "NMAP_SCAN_QUEUE_NAME": ("nmap_scan_queue", v.parse_amqp_name),
+    "NMAP_SCAN_ROUTING_KEY": ("nmap.scan", v.parse_amqp_name),
+    "NMAP_CANCEL_QUEUE_NAME": ("nmap_cancel_queue", v.parse_amqp_name),
+    "WORKER_SERVICE_BROADCAST_QUEUE": ("worker_service_broadcast", v.parse_amqp_name),
+    "REDIS_HOST": ("localhost", v.parse_host),
+    "REDIS_PORT": ("6379", v.parse_int_between(1, 65535)),
     # No upper bound: Redis's `databases` setting is configurable (16 is only its default).
-    "REDIS_DB": ("3", _int_between(0, None)),
-    "REDIS_PASS": ("", _printable),
-    "REDIS_SSL": ("false", _bool),
-    "REDIS_SSL_CERTFILE": ("", _optional_path),
-    "REDIS_SSL_KEYFILE": ("", _optional_path),
-    "BACKEND_BASE_URL": ("", _url),
-    "WORKER_BACKEND_TOKEN": ("", _printable),
-    "SCANLEDGER_CA_BUNDLE": ("", _optional_path),
-    "SCANLEDGER_TIMEOUT": ("60", _seconds),
-    "UPLOAD_BACKOFF_MAX": ("300", _seconds),
-    "INSTANCE": ("1", check_instance),
-    "HOSTNAME": ("", _identity_host),  # settings_io supplies socket.gethostname()
-    "NODE_NAME": ("", _node_name),
-    "STATE_DIR": ("", _path),  # settings_io supplies $STATE_DIRECTORY when systemd sets it
-    "WORKER_IP": ("", _worker_ip),
-    "SOURCE_ADDRESS": ("", _source_address),
-    "IP_ECHO_URL": ("", _url),
-    "CONCURRENCY": ("1", _int_between(1, 64)),
-    "NMAP_PATH": ("nmap", _required_text),
-    "NMAP_OPEN_PORTS_OPTS": ("-n -Pn --top-ports 1000", _required_text),
-    "NMAP_SERVICE_OPTS": ("-sV -Pn", _required_text),
-    "NMAP_ALLOWED_SCRIPTS": ("", _scripts),
-    "NMAP_EXTRA_FLAGS": ("", _flags),
-    "STATS_EVERY": ("2s", _nmap_time),
-    "KILL_GRACE": ("2", _seconds),
-    "SCOPE_ALLOW": ("", _networks),
-    "SCOPE_DENY": ("", _networks),
-    "STATUS_TTL": ("604800", _int_between(1, None)),
-    "LEASE_TTL": ("60", _int_between(1, None)),
-    "MAX_ATTEMPTS": ("3", _int_between(1, 1000)),
-    "REQUIRE_TASK_METADATA": ("true", _bool),
-    "LOGGER_LEVEL": ("INFO", _log_level),
-    "CELERY_APP_NAME": ("nmap_celery_consumer", _printable),
-    "QUEUE": ("nmap_queue", _printable),
-    "ROUTING_KEY": ("nmap.#", _printable),
-    "NMAP_CANCEL_ROUTING_KEY": ("nmap.cancel", _printable),
-    "NMAP_CANCEL_EXCHANGE_NAME": ("nmap_cancel_exchange", _printable),
-    "NMAP_CANCEL_EXCHANGE_TYPE": ("fanout", _printable),
-    "IP_ENTRY_TTL": ("4000", _int_between(0, None)),
-    "LOGGER_NAME": ("worker_logger", _printable),
+    "REDIS_DB": ("3", v.parse_int_between(0, None)),
+    "REDIS_PASS": ("", v.parse_printable),
+    "REDIS_SSL": ("false", v.parse_bool),
+    "REDIS_SSL_CERTFILE": ("", v.parse_optional_path),
+    "REDIS_SSL_KEYFILE": ("", v.parse_optional_path),
+    "BACKEND_BASE_URL": ("", v.parse_url),
+    "WORKER_BACKEND_TOKEN": ("", v.parse_printable),
+    "SCANLEDGER_CA_BUNDLE": ("", v.parse_optional_path),
+    "SCANLEDGER_TIMEOUT": ("60", v.parse_seconds),
+    "UPLOAD_BACKOFF_MAX": ("300", v.parse_seconds),
+    "INSTANCE": ("1", v.check_instance),
+    "HOSTNAME": ("", v.parse_identity_host),  # settings_io supplies socket.gethostname()
+    "NODE_NAME": ("", v.parse_node_name),
+    "STATE_DIR": ("", v.parse_path),  # settings_io supplies $STATE_DIRECTORY when systemd sets it
+    "WORKER_IP": ("", v.parse_worker_ip),
+    "SOURCE_ADDRESS": ("", v.parse_source_address),
+    "IP_ECHO_URL": ("", v.parse_url),
+    "CONCURRENCY": ("1", v.parse_int_between(1, 64)),
+    "NMAP_PATH": ("nmap", v.parse_required_text),
+    "NMAP_OPEN_PORTS_OPTS": ("-n -Pn --top-ports 1000", v.parse_required_text),
+    "NMAP_SERVICE_OPTS": ("-sV -Pn", v.parse_required_text),
+    "NMAP_ALLOWED_SCRIPTS": ("", v.parse_scripts),
+    "NMAP_EXTRA_FLAGS": ("", v.parse_flags),
+    "STATS_EVERY": ("2s", v.parse_nmap_time),
+    "KILL_GRACE": ("2", v.parse_seconds),
+    "SCOPE_ALLOW": ("", v.parse_networks),
+    "SCOPE_DENY": ("", v.parse_networks),
+    "STATUS_TTL": ("604800", v.parse_int_between(1, None)),
+    "LEASE_TTL": ("60", v.parse_int_between(1, None)),
+    "MAX_ATTEMPTS": ("3", v.parse_int_between(1, 1000)),
+    "REQUIRE_TASK_METADATA": ("true", v.parse_bool),
+    "LOGGER_LEVEL": ("INFO", v.parse_log_level),
+    "CELERY_APP_NAME": ("nmap_celery_consumer", v.parse_printable),
+    "QUEUE": ("nmap_queue", v.parse_printable),
+    "ROUTING_KEY": ("nmap.#", v.parse_printable),
+    "NMAP_CANCEL_ROUTING_KEY": ("nmap.cancel", v.parse_printable),
+    "NMAP_CANCEL_EXCHANGE_NAME": ("nmap_cancel_exchange", v.parse_printable),
+    "NMAP_CANCEL_EXCHANGE_TYPE": ("fanout", v.parse_printable),
+    "IP_ENTRY_TTL": ("4000", v.parse_int_between(0, None)),
+    "LOGGER_NAME": ("worker_logger", v.parse_printable),
 }
 
 KNOWN_KEYS: tuple[str, ...] = tuple(_KEYS)
 DEFAULTS: Mapping[str, str] = {key: default for key, (default, _) in _KEYS.items()}
-SECRET_KEYS: frozenset[str] = frozenset({"RABBITMQ_PASSWORD", "REDIS_PASS", "WORKER_BACKEND_TOKEN"})
+SECRET_KEYS = v.SECRET_KEYS
 # <KEY>_FILE names a file holding the secret (settings_io reads it; parse() never sees these keys).
 FILE_KEYS: Mapping[str, str] = {f"{key}_FILE": key for key in sorted(SECRET_KEYS)}
 # Paths of TLS client certificates and their private keys. A private key is a secret kept in a file: a

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from falcoria_worker import config
+from falcoria_worker import config, setting_checks
 from falcoria_worker.errors import ConfigError
 
 ETC_DIR = Path("/etc/falcoria-worker")
@@ -321,7 +321,9 @@ def load(
     # The per-instance file is chosen by the INSTANCE every other layer agrees on, so it cannot pick itself.
     chosen_entry = _merge(_in_order(by_name, skip="worker@INSTANCE.conf")).get("INSTANCE")
     chosen = (
-        config.check_instance("INSTANCE", chosen_entry.value) if chosen_entry else config.DEFAULTS["INSTANCE"]
+        setting_checks.check_instance("INSTANCE", chosen_entry.value)
+        if chosen_entry
+        else config.DEFAULTS["INSTANCE"]
     )
     per_instance = _file_layer(etc_dir / f"worker@{chosen}.conf", required=False, warnings=warnings)
     if "INSTANCE" in per_instance and per_instance["INSTANCE"].value != chosen:
