@@ -53,7 +53,9 @@ class Waker:
 
     def wait(self, timeout: float) -> None:
         """Sleep until woken or `timeout` (seconds) passed."""
-        select.select([self._read], [], [], max(0.0, timeout))
+        poller = select.poll()  # not select(): an instance with many files open has descriptors > 1023
+        poller.register(self._read, select.POLLIN)
+        poller.poll(max(0.0, timeout) * 1000)
         self.clear()
 
 
