@@ -1,10 +1,16 @@
 """The broker connection of the loop: the scan consumer (flow-controlled), the broadcast queues and the
-pidbox. Only the loop thread touches it (kombu channels are not thread-safe)."""
+pidbox, and the loop's wait. Only the loop thread touches it (kombu channels are not thread-safe).
+
+The loop sleeps in poll(2) on the broker's socket and the Waker's pipe, for as long as its next timer
+allows: a frame from the broker, a scan thread's end or a signal wakes it, and nothing else does. An idle
+instance therefore wakes only for its timers and the AMQP heartbeats."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import select
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +22,41 @@ from falcoria_worker import broker
 from falcoria_worker.config import Settings
 
 log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT = 0.01  # s to finish reading a message once its first bytes are in (the rest follows at once)
+HEARTBEAT_CHECKS = 4  # AMQP heartbeat checks per negotiated interval (py-amqp needs two at least)
+
+
+class Waker:
+    """Wakes the loop out of its wait, from any thread or a signal handler: a byte on a pipe.
+    Whoever wakes it makes its news visible first (a queue put, a flag), and the loop clears the pipe
+    before it looks, so no news is ever left waiting for the next timer."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fileno(self) -> int:
+        return self._read
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # the pipe is full: the loop is woken anyway
+            os.write(self._write, b"\0")
+
+    def observe(self, _transition: object) -> None:
+        """After every transition: the loop's STATUS line and consumption follow the tasks."""
+        self.wake()
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 512):
+                pass
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until woken or `timeout` (seconds) passed."""
+        poller = select.poll()  # not select(): an instance with many files open has descriptors > 1023
+        poller.register(self._read, select.POLLIN)
+        poller.poll(max(0.0, timeout) * 1000)
+        self.clear()
 
 
 class BrokerLink:
@@ -86,6 +127,36 @@ class BrokerLink:
             self.consuming = False
             return False
         return None
+
+    def wait(self, timeout: float, waker: Waker) -> None:
+        """Sleep until a frame arrives, the waker wakes or `timeout` (seconds) passed; handle the message
+        that arrived (its callbacks run here) and keep the AMQP heartbeats going."""
+        conn = self.conn
+        if conn is None:
+            waker.wait(timeout)
+            return
+        interval = conn.get_heartbeat_interval()
+        if interval:
+            timeout = min(timeout, interval / HEARTBEAT_CHECKS)
+        sock = conn.connection.sock
+        if sock is None:
+            raise ConnectionError("the broker connection is closed")  # the loop reconnects
+        # py-amqp reads exactly what it needs, so unread bytes stay in the kernel where poll sees them;
+        # only TLS can hold a decrypted record in user space.
+        pending = getattr(sock, "pending", None)
+        readable = bool(pending and pending())
+        if not readable:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            poller.register(waker, select.POLLIN)
+            events = dict(poller.poll(max(0.0, timeout) * 1000))
+            if waker.fileno() in events:
+                waker.clear()
+            readable = sock.fileno() in events
+        if readable:
+            with contextlib.suppress(TimeoutError):  # a heartbeat frame, or a message not complete yet
+                conn.drain_events(timeout=DRAIN_TIMEOUT)
+        conn.heartbeat_check(rate=HEARTBEAT_CHECKS)
 
     def is_connection_error(self, exc: BaseException) -> bool:
         errors: tuple[type[BaseException], ...] = (OSError, redis.RedisError, OperationalError)

@@ -121,6 +121,12 @@ class Leases:
             self._last_sweep = now
             self.sweep()
 
+    def next_due(self) -> float:
+        """When `duties` has work next (monotonic)."""
+        lease_ttl = self.settings.lease_ttl
+        sweep = max(self._last_sweep + lease_ttl / 2, self._sweep_not_before)
+        return min(self._last_heartbeat + lease_ttl / 3, sweep)
+
     def heartbeat(self) -> None:
         self.store.renew_node(self.identity.nodename, self.identity.machine, self.node_ttl)
         ids = [r.task_id for r in self.running.values() if not (r.view.lease_lost or r.view.ended)]

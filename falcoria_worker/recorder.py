@@ -155,6 +155,11 @@ class RedisRecorder:
         with self._backlog_lock:
             return not self._backlog
 
+    def next_cleanup(self) -> float | None:
+        """When the first late cleanup is due (monotonic), if any is queued."""
+        with self._later_lock:
+            return self._later[0][0] if self._later else None
+
     def run_late_cleanups(self, now: float) -> None:
         while True:
             with self._later_lock:

@@ -34,6 +34,8 @@ from falcoria_worker.config import Settings, redis_kwargs
 from falcoria_worker.model import ScanTask
 
 METADATA_GRACE = 3.0  # seconds to wait for Tasker's tracking keys, written right after it publishes
+TRACKING_FIRST_PAUSE = 0.005  # s between the first two looks for them; doubled after each look
+TRACKING_MAX_PAUSE = 1.0  # s: the pauses stop growing here (a check per second at worst)
 
 ClaimResult = Literal["claimed", "busy", "poison"]
 
@@ -298,11 +300,15 @@ class RedisStore:
         runs other targets' blocking publishes first; an idle worker can receive the message before the
         metadata exists. Metadata missing with the lock present is such a just-sent task, not a stopped one.
         """
+        metadata, lock = self._metadata_and_lock(task_id, task)
+        return not metadata and not lock
+
+    def _metadata_and_lock(self, task_id: str, task: ScanTask) -> tuple[bool, bool]:
         with self.r.pipeline(transaction=False) as pipe:
             pipe.exists(keys.metadata_key(task_id))
             pipe.exists(keys.lock_key(task.project, task.ip, task.open_ports_str))
             metadata, lock = pipe.execute()
-        return not metadata and not lock
+        return bool(metadata), bool(lock)
 
     def refresh_lock(self, task: ScanTask, ttl: int) -> None:
         self._refresh_lock(keys=[keys.lock_key(task.project, task.ip, task.open_ports_str)], args=[ttl])
@@ -461,14 +467,25 @@ class RedisStore:
         clearly stopped the task (metadata and lock both gone) or the publisher is not Tasker. False when
         the grace ran out without either."""
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if self.metadata_exists(task_id):
+        pause = TRACKING_FIRST_PAUSE
+        while True:
+            if self._tracking_settled(task_id, task):
                 return True
-            if task is not None and self.tasker_stopped(task_id, task):
-                return True  # nothing more will come: Tasker's stop removed its keys
-            # Without a parsed task there is no lock to look at: only the metadata can end the wait.
-            time.sleep(0.005 if task is not None else 0.05)
-        return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            # Growing pauses: Tasker usually writes within milliseconds, and a late Tasker must not cost
+            # a command every few milliseconds for seconds.
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, TRACKING_MAX_PAUSE)
+
+    def _tracking_settled(self, task_id: str, task: ScanTask | None) -> bool:
+        """Tasker's metadata is there, or Tasker has clearly stopped the task (metadata and lock both
+        gone: nothing more will come). Without a parsed task there is no lock to look at."""
+        if task is None:
+            return self.metadata_exists(task_id)
+        metadata, lock = self._metadata_and_lock(task_id, task)
+        return metadata or not lock
 
     def lease_message(self, task_id: str) -> str | None:
         message = self.r.hget(keys.lease_key(task_id), "message")

@@ -1,12 +1,13 @@
 """`falcoria-worker run`: one instance's consume loop.
 
-The main thread owns the AMQP connection (kombu channels are not thread-safe) and runs a short-timeout
-event loop: it consumes Tasker's scan queue, one private queue on each fanout broadcast exchange
-(cancel, IP refresh) and the Celery pidbox (ping, revoke). Scans run on a thread pool; nmap is a
-subprocess, so threads are all the parallelism needed. The loop decides nothing about a task: the
-lifecycle does, and the loop carries out what it asks (ack, start, requeue).
+The main thread owns the AMQP connection (kombu channels are not thread-safe) and runs an event loop that
+sleeps until a message, a scan's end, a signal or its next timer (connection.py). It consumes Tasker's
+scan queue, one private queue on each fanout broadcast exchange (cancel, IP refresh) and the Celery
+pidbox (ping, revoke). Scans run on a thread pool; nmap is a subprocess, so threads are all the
+parallelism needed. The loop decides nothing about a task: the lifecycle does, and the loop carries out
+what it asks (ack, start, requeue).
 
-Why the loop is ours and not a stock Celery worker (see also docs/design.md):
+Why the loop is ours and not a stock Celery worker (also docs/design.md):
 - A scan message is acked only after a Redis lease records it, and the consumer is cancelled
   (basic.cancel) while every slot is busy, so no message is ever held unacked during a scan: RabbitMQ's
   consumer_timeout cannot close the channel, and idle instances get the queued work instead.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import signal
 import time
 from pathlib import Path
@@ -31,7 +31,7 @@ import redis
 
 from falcoria_worker.admission import Admission
 from falcoria_worker.config import Settings
-from falcoria_worker.connection import BrokerLink
+from falcoria_worker.connection import BrokerLink, Waker
 from falcoria_worker.control import Control
 from falcoria_worker.errors import describe
 from falcoria_worker.identity import Identity, lock_state_dir
@@ -48,7 +48,8 @@ from falcoria_worker.tasks import TaskRecord
 
 log = logging.getLogger(__name__)
 
-LOOP_TIMEOUT = 0.05  # s drain_events may block: how late a freed slot or a stop is seen (idle: 7 ms/s)
+IDLE_WAIT = 5.0  # s the loop sleeps at most: how late a late cleanup queued by the janitor runs
+REDIS_PROBE = 1.0  # s between pings of a Redis that stopped answering
 
 
 class Worker:
@@ -70,7 +71,7 @@ class Worker:
         self.identity = Identity.of(settings)
         self.state_dir = Path(settings.state_dir)
         self.health = RedisHealth()
-        # The tasks this instance runs: the loop thread's only (scan threads report through `scans.ended`).
+        # The tasks this instance runs: the loop thread's only (scan threads report their ends to `scans`).
         self.running: dict[str, TaskRecord] = {}
         self.hub = hub or ObserverHub()
         self.recorder = RedisRecorder(
@@ -78,11 +79,18 @@ class Worker:
         )
         self.requeues = Requeues(settings, store, self.identity)
         self.status_line = StatusLine(notifier)
-        for observer in (self.recorder, self.requeues, JournalFields(), self.status_line):
+        self.waker = Waker()  # transitions, scan ends and signals wake the loop (STATUS follows the phases)
+        for observer in (self.recorder, self.requeues, JournalFields(), self.status_line, self.waker):
             self.hub.add(observer)
         self.hub.add_worker(self.status_line)
         self.scans = Scans(
-            settings, engine=engine, store=store, health=self.health, spool=spool, deliverer=deliverer
+            settings,
+            engine=engine,
+            store=store,
+            health=self.health,
+            spool=spool,
+            deliverer=deliverer,
+            ended=self.waker.wake,
         )
         self.control = Control(settings, store, self.identity, self.running, janitor=self.recorder.janitor)
         self.admission = Admission(
@@ -109,7 +117,7 @@ class Worker:
         self.stop_requested = False
         self.ready_sent = False
         self._lock_fd: int | None = None
-        self._last = {"watchdog": 0.0, "redis_probe": 0.0}
+        self._last_probe = 0.0  # of a Redis that stopped answering
 
     # ------------------------------------------------------------------ life cycle
 
@@ -155,21 +163,22 @@ class Worker:
         if not self.stop_requested:
             log.info("received %s: stopping", signal.Signals(signum).name)
         self.stop_requested = True
+        self.waker.wake()
 
     def _sleep_alive(self, seconds: float) -> None:
         """Wait without going silent: the watchdog keeps being fed while we wait for a peer."""
         end = time.monotonic() + seconds
-        while not self.stop_requested and time.monotonic() < end:
+        while not self.stop_requested and (now := time.monotonic()) < end:
             self._collect_ended()
             if self.health.ok:
                 # Leases are renewed during a broker outage too: the scans go on, and other instances
                 # must not take them over.
                 try:
-                    self._redis_duties(time.monotonic())
+                    self._redis_duties(now)
                 except redis.RedisError:
                     self.health.ok = False
-            self._feed_watchdog()
-            time.sleep(min(LOOP_TIMEOUT, max(0.0, end - time.monotonic())))
+            self.notifier.feed_watchdog(now)
+            self.waker.wait(min(self._time_to_next(), end - now))
 
     # ------------------------------------------------------------------ connections
 
@@ -195,22 +204,27 @@ class Worker:
     # ------------------------------------------------------------------ the loop
 
     def _serve(self) -> None:
-        conn = self.link.conn
-        if conn is None:
-            return
-        while not self.stop_requested:
+        while not self.stop_requested and self.link.conn is not None:
             self._tick()
-            with contextlib.suppress(TimeoutError):  # nothing arrived: tick again
-                conn.drain_events(timeout=LOOP_TIMEOUT)
-            conn.heartbeat_check()
+            self.link.wait(self._time_to_next(), self.waker)
+
+    def _time_to_next(self) -> float:
+        """Seconds until the loop's next timer; messages, a scan's end and a stop wake it sooner."""
+        now = time.monotonic()
+        timers = [self.notifier.watchdog_due()]
+        if self.health.ok:  # Redis's timers wait while it is down: nothing to do but probe it
+            timers += [self.leases.next_due(), self.recorder.next_cleanup()]
+        elif self.link.ok:  # serving: the tick probes it (a reconnect waits in _ensure_redis)
+            timers.append(self._last_probe + REDIS_PROBE)
+        due = [t for t in timers if t is not None] + [now + IDLE_WAIT]
+        return max(0.0, min(due) - now)
 
     def _tick(self) -> None:
         now = time.monotonic()
         self._collect_ended()
-        self._send_requeues()
         self._update_consumption()  # cheap; catches a Redis outage a scan thread reported
-        if not self.health.ok and now - self._last["redis_probe"] >= 1.0:
-            self._last["redis_probe"] = now
+        if not self.health.ok and now - self._last_probe >= REDIS_PROBE:
+            self._last_probe = now
             with contextlib.suppress(redis.RedisError):
                 self.store.ping()
                 self.health.ok = True
@@ -226,31 +240,23 @@ class Worker:
                 log.warning("Redis unavailable: %s; not taking new scans", describe(exc))
                 self.health.ok = False
                 self._update_consumption()
+        self._send_requeues()
         if not self.ready_sent and self.link.ok and self.health.ok:
             self.ready_sent = True
             self.hub.worker_event("worker_ready")
         self.notifier.status(self._status_text())
-        self._feed_watchdog()
+        self.notifier.feed_watchdog(now)
 
     def _redis_duties(self, now: float) -> None:
         self.recorder.flush()
         self.recorder.run_late_cleanups(now)
         self.leases.duties(now)
 
-    def _feed_watchdog(self) -> None:
-        # Fed only from the loop itself: if the loop hangs (deadlock, SIGSTOP), systemd restarts us.
-        interval = self.notifier.watchdog_interval()
-        now = time.monotonic()
-        if interval and now - self._last["watchdog"] >= min(interval, 1.0):
-            self._last["watchdog"] = now
-            self.notifier.watchdog()
-
     def _status_text(self, broker_down: str | None = None) -> str:
         if broker_down is None and not self.link.ok:
             broker_down = "connecting"
-        return self.status_line.text(
-            broker_down=broker_down, redis_ok=self.health.ok, scans=len(self.running)
-        )
+        scans = len(self.running)
+        return self.status_line.text(broker_down=broker_down, redis_ok=self.health.ok, scans=scans)
 
     def _update_consumption(self) -> None:
         """Consume only while a slot is free and Redis answers: nothing waits unacked on a busy worker."""
@@ -265,14 +271,8 @@ class Worker:
             self.hub.worker_event("consuming_changed", changed)
 
     def _collect_ended(self) -> None:
-        changed = False
-        while True:
-            try:
-                task_id = self.scans.ended.get_nowait()
-            except queue.Empty:
-                break
-            changed = self.running.pop(task_id, None) is not None or changed
-        if changed:
+        ended = [self.running.pop(task_id, None) for task_id in self.scans.take_ended()]
+        if any(record is not None for record in ended):
             self._update_consumption()
 
     def _send_requeues(self) -> None:
@@ -312,8 +312,7 @@ class Worker:
             self._drop_unhandled(message, "broadcast")
 
     def _drop_unhandled(self, message: Any, what: str) -> None:
-        """A message we cannot handle must not take the worker down: unacked, it would be redelivered to
-        the next instance and take that one down too. Log it with its traceback and drop it."""
+        """Logged and dropped: unacked, a message we cannot handle would take down every instance."""
         log.exception("could not handle a %s; dropped it", what)
         with contextlib.suppress(Exception):
             message.ack()

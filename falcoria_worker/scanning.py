@@ -3,6 +3,7 @@ task's record as lifecycle events; the report is made durable here, before the l
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import queue
@@ -56,6 +57,7 @@ class Scans:
         health: RedisHealth,
         spool: Spool | None,
         deliverer: Deliverer | None,
+        ended: Callable[[], None],
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -67,11 +69,20 @@ class Scans:
         self.results_dir = state_dir / "results"
         self.work_root = state_dir / "work"
         self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="scan")
-        # Ids of the tasks whose thread has ended: put by the scan threads, taken by the loop.
-        self.ended: queue.SimpleQueue[str] = queue.SimpleQueue()
+        # Ids of the tasks whose thread has ended: put by the scan threads, which then wake the loop.
+        self._ended: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._wake_loop = ended
 
     def start(self, record: TaskRecord, plan: Plan) -> None:
         self.pool.submit(logged(self._run), record, plan)
+
+    def take_ended(self) -> list[str]:
+        """The ids of the tasks whose thread ended since the last call (the loop's)."""
+        ids = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                ids.append(self._ended.get_nowait())
+        return ids
 
     def stop(self) -> None:
         self.pool.shutdown(wait=True)
@@ -91,7 +102,8 @@ class Scans:
             try:
                 self._scan(record, plan)
             finally:
-                self.ended.put(task_id)
+                self._ended.put(task_id)
+                self._wake_loop()
 
     def _scan(self, record: TaskRecord, plan: Plan) -> None:
         task, task_id = plan.task, record.task_id

@@ -21,6 +21,7 @@ class Notifier:
         self._lock = threading.Lock()
         self._last_status: str | None = None
         self._failed_before = False
+        self._last_watchdog = 0.0  # monotonic
 
     def ready(self, status: str | None = None) -> bool:
         return self._send("READY=1", status)
@@ -34,6 +35,19 @@ class Notifier:
 
     def watchdog(self) -> bool:
         return self._send("WATCHDOG=1", None)
+
+    def watchdog_due(self) -> float | None:
+        """When the next WATCHDOG=1 is due (monotonic), or None without a watchdog."""
+        interval = self.watchdog_interval()
+        return None if interval is None else self._last_watchdog + interval
+
+    def feed_watchdog(self, now: float) -> None:
+        """WATCHDOG=1 when it is due. The caller is the loop itself: a hung loop (deadlock, SIGSTOP)
+        stops the pings, and systemd restarts the instance."""
+        due = self.watchdog_due()
+        if due is not None and now >= due:
+            self._last_watchdog = now
+            self.watchdog()
 
     def stopping(self, status: str | None = None) -> bool:
         return self._send("STOPPING=1", status)

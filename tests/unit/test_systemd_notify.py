@@ -129,3 +129,21 @@ def test_watchdog_interval(
                 name, {"self": str(os.getpid()), "other": str(os.getpid() + 1)}.get(value, value)
             )
     assert Notifier().watchdog_interval() == expected
+
+
+def test_feed_watchdog_pings_once_per_interval(
+    notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "20000000")  # pings due every 10 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    notifier = Notifier()
+    notifier.feed_watchdog(100.0)
+    assert notifier.watchdog_due() == 110.0
+    notifier.feed_watchdog(109.0)  # not due yet
+    notifier.feed_watchdog(110.0)
+    assert notify_socket.datagrams() == [b"WATCHDOG=1", b"WATCHDOG=1"]
+
+
+def test_no_watchdog_no_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    assert Notifier().watchdog_due() is None
