@@ -48,10 +48,19 @@ def tls_options(settings: Settings) -> dict[str, object] | bool:
     return options
 
 
-def connect(settings: Settings, *, heartbeat: int = 30) -> Connection:
-    """A connected broker connection; raises kombu's OperationalError when the broker is unreachable."""
+def connect(
+    settings: Settings, *, heartbeat: int = 30, transport_options: dict[str, Any] | None = None
+) -> Connection:
+    """A connected broker connection; raises kombu's OperationalError when the broker is unreachable.
+    `transport_options` go to py-amqp's Connection (e.g. on_blocked/on_unblocked)."""
     # amqps: certificate and host name verified against the system's CAs ($SSL_CERT_FILE if set).
-    conn = Connection(broker_url(settings), heartbeat=heartbeat, connect_timeout=5, ssl=tls_options(settings))
+    conn = Connection(
+        broker_url(settings),
+        heartbeat=heartbeat,
+        connect_timeout=5,
+        ssl=tls_options(settings),
+        transport_options=transport_options,
+    )
     conn.ensure_connection(max_retries=1)
     return conn
 

@@ -3,7 +3,13 @@ pidbox, and the loop's wait. Only the loop thread touches it (kombu channels are
 
 The loop sleeps in poll(2) on the broker's socket and the Waker's pipe, for as long as its next timer
 allows: a frame from the broker, a scan thread's end or a signal wakes it, and nothing else does. An idle
-instance therefore wakes only for its timers and the AMQP heartbeats."""
+instance therefore wakes only for its timers and the AMQP heartbeats.
+
+During a resource alarm RabbitMQ stops reading from a connection once it publishes (connection.blocked):
+a message published then waits in the socket until the alarm clears, and so does the answer to our
+connection.close. So a blocked connection is dropped without the close handshake, and a stop hands no
+task back into it: the leases stay held, and this instance's restart or another instance requeues them.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,12 @@ import contextlib
 import logging
 import os
 import select
+import time
 from collections.abc import Callable
 from typing import Any
 
 import redis
+from amqp import Message
 from kombu import Connection, Consumer, Producer
 from kombu.exceptions import OperationalError
 
@@ -59,6 +67,13 @@ class Waker:
         self.clear()
 
 
+PROBE_LIMIT = 10.0  # s a stop waits to learn whether the broker takes a publish; unknown counts as blocked
+
+
+class PublishersBlocked(Exception):
+    """The broker blocks publishers (a memory or disk alarm): nothing can be handed back now."""
+
+
 class BrokerLink:
     def __init__(self, settings: Settings, nodename: str) -> None:
         self.settings = settings
@@ -68,6 +83,7 @@ class BrokerLink:
         self.producer: Producer | None = None
         self.scan_consumer: Consumer | None = None
         self.consuming = False
+        self.blocked = False  # the broker told this connection it stopped reading (connection.blocked)
 
     def connect(
         self,
@@ -76,7 +92,7 @@ class BrokerLink:
         control: dict[str, Callable[..., Any]],
     ) -> None:
         s = self.settings
-        self.conn = broker.connect(s)
+        self.conn = self._open()
         channel = self.conn.channel()
         self.scan_consumer = Consumer(
             channel, queues=[broker.scan_queue(s)], on_message=on_scan, no_ack=False, prefetch_count=1
@@ -92,19 +108,62 @@ class BrokerLink:
         self.consuming = False
         log.info("consuming %s as %s", s.nmap_scan_queue_name, self.nodename)
 
+    @property
+    def publishable(self) -> bool:
+        """The loop's requeues wait while the broker blocks publishers: the leases stay ours till then."""
+        return self.producer is not None and self.ok and not self.blocked
+
     def connect_to_publish(self) -> Producer:
-        """A connection for the last requeues of a stop, when the loop's own is gone."""
+        """A connection for the last requeues of a stop, when the loop's own is gone. Raises
+        PublishersBlocked when the broker would not take the requeues now (see the module's text)."""
         if self.conn is None or self.producer is None:
-            self.conn = broker.connect(self.settings)
+            self.conn = self._open()
             self.producer = Producer(self.conn.channel())
             self.ok = True
+        if self.blocked or not self._takes_a_publish(self.conn):
+            raise PublishersBlocked("the broker blocks publishers (a resource alarm)")
         return self.producer
+
+    def _open(self) -> Connection:
+        self.blocked = False
+        options = {"on_blocked": self._on_blocked, "on_unblocked": self._on_unblocked}
+        return broker.connect(self.settings, transport_options=options)
+
+    def _on_blocked(self, reason: str) -> None:
+        log.warning("the broker blocks publishing: %s", reason)
+        self.blocked = True
+
+    def _on_unblocked(self) -> None:
+        log.info("the broker takes publishes again")
+        self.blocked = False
+
+    def _takes_a_publish(self, conn: Connection) -> bool:
+        """Before the leases are taken back for a requeue: a connection is blocked only once it publishes,
+        so publish an unroutable message on a confirmed channel. The broker acks it at once, or blocks
+        the connection and tells us so instead."""
+        channel = conn.channel()
+        acked: list[bool] = []
+        channel.events["basic_ack"].add(lambda *_: acked.append(True))
+        channel.confirm_select()
+        channel.basic_publish(Message(b""), exchange="", routing_key=f"{self.nodename}.probe")
+        deadline = time.monotonic() + PROBE_LIMIT
+        while not acked and not self.blocked and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=0.1)
+        if acked and not self.blocked:
+            channel.close()
+            return True
+        return False
 
     def drop(self) -> None:
         if self.conn is not None:
-            # A dead connection may fail to close; it is gone either way.
+            # A dead connection may fail to close; it is gone either way. A blocked one never answers
+            # the close: drop it without the handshake.
             with contextlib.suppress(Exception):
-                self.conn.release()
+                if self.blocked:
+                    self.conn.collect()
+                else:
+                    self.conn.release()
         self.conn = None
         self.producer = None
         self.scan_consumer = None

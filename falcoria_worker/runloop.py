@@ -277,7 +277,7 @@ class Worker:
 
     def _send_requeues(self) -> None:
         # After the ends Redis missed are recorded: a requeued copy must not be overtaken by them.
-        if self.link.producer is None or not self.link.ok or not self.recorder.caught_up:
+        if not self.link.publishable or not self.recorder.caught_up:
             return
         self.requeues.take_back()
         self.requeues.publish(self.link.producer)

@@ -39,7 +39,11 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # "<phase> Timing: About 37.50% done; ETC: ...". Anchored, with no ":" or "|" before " Timing", so a
 # banner that a target echoes into stdout (SF: fingerprint lines, NSE "|" output) cannot fake progress.
-_PROGRESS = re.compile(r"^[A-Za-z][A-Za-z0-9 .-]* Timing: About (\d{1,3}(?:\.\d+)?)% done")
+# Host discovery ("ARP Ping Scan", which resolves the MAC of a target on the local segment even with
+# -Pn) reports its own 100% before the port scan starts at 0: it is not the phase's progress.
+_PROGRESS = re.compile(
+    r"^(?!.*Ping Scan Timing)[A-Za-z][A-Za-z0-9 .-]* Timing: About (\d{1,3}(?:\.\d+)?)% done"
+)
 
 
 @dataclass(frozen=True)

@@ -287,8 +287,8 @@ def test_lease_deadlines_are_kept_on_redis_clock(r: redis.Redis, state: RedisSto
     assert state.heartbeat(["t1"], "A", 600) == []
     assert float(r.hget("fw:lease:t1", "deadline")) >= before + 600
     assert state.expired(state.now()) == []
-    assert state.reclaim("t1", None) is None  # held and not expired on Redis's clock
-    assert state.reclaim("t1", "A") == "m"  # its owner recovering it after a restart
+    assert state.requeue_lease("t1", None) is None  # held and not expired on Redis's clock
+    assert state.requeue_lease("t1", "A") == "m"  # its owner recovering it after a restart
     assert float(r.hget("fw:lease:t1", "deadline")) >= before + 3600  # re-publish grace, Redis's clock
 
 

@@ -11,6 +11,7 @@ import pytest
 from tests.support.drive import (
     EXTENSION_KEYS,
     assert_clean_for_tasker,
+    held_phase2,
     scan_fields,
     slow_phase1,
     slow_phase2,
@@ -115,10 +116,10 @@ def test_status_and_notify_follow_the_phases(tasker, worker_factory, netns_lab, 
 
 @pytest.mark.parametrize("phase", ["ports_scan", "service_scan"])
 def test_cancel_broadcast_kills_the_running_phase(
-    phase, tasker, worker_factory, scanledger, netns_lab, redis_server
+    phase, tasker, worker_factory, scanledger, netns_lab, held_service, redis_server
 ) -> None:
     worker = worker_factory(ledger=scanledger).start()
-    fields = slow_phase1(netns_lab.blackhole) if phase == "ports_scan" else slow_phase2(netns_lab.services)
+    fields = slow_phase1(netns_lab.blackhole) if phase == "ports_scan" else held_phase2(held_service)
     project = uuid.uuid4()
     task_id = tasker.send_scan(**fields, project=project)
     wait_phase(redis_server, task_id, phase, worker)
@@ -237,33 +238,37 @@ def test_scan_longer_than_consumer_timeout_completes_once(
 
 
 def test_sigterm_hands_the_task_back_and_leaves_nothing_running(
-    tasker, worker_factory, scanledger, netns_lab, redis_server
+    tasker, worker_factory, scanledger, held_service, redis_server
 ) -> None:
     worker = worker_factory("1", ledger=scanledger).start()
     project = uuid.UUID(scanledger.project)
-    task_id = tasker.send_scan(**slow_phase2(netns_lab.services), project=project, mode="append")
+    task_id = tasker.send_scan(**held_phase2(held_service), project=project, mode="append")
     wait_phase(redis_server, task_id, "service_scan", worker)
     # An idle instance is waiting: it receives the handed-back copy at once, so the lease must be released
     # before the copy is published, or that instance drops it as a duplicate and the task is lost.
     other = worker_factory("2", ledger=scanledger).start()
-    assert worker.stop(timeout=20) == 0
+    assert worker.stop(timeout=20) == 0  # phase 2 is held: the stop finds the scan running
     assert "STOPPING=1" in worker.notify.lines()
+    assert "stopped by shutdown; handing the task back" in worker.log()
+    assert "scan finished" not in worker.log()
+    assert worker.nmap_pids() == []
+    held_service.release()
     scanledger.wait_for(lambda f: len(f.uploads) == 1, timeout=120)
     wait_until(lambda: status(redis_server, task_id).get("state") == "completed", what="completed")
     assert status(redis_server, task_id)["worker"] == other.nodename
-    assert "stopped by shutdown; handing the task back" in worker.log()
     time.sleep(1)
     assert len(scanledger.uploads) == 1
 
 
 def test_sigterm_with_no_other_instance_queues_the_task_for_the_next_start(
-    tasker, worker_factory, scanledger, netns_lab, redis_server
+    tasker, worker_factory, scanledger, held_service, redis_server
 ) -> None:
     worker = worker_factory(ledger=scanledger).start()
     project = uuid.UUID(scanledger.project)
-    task_id = tasker.send_scan(**slow_phase2(netns_lab.services), project=project, mode="append")
+    task_id = tasker.send_scan(**held_phase2(held_service), project=project, mode="append")
     wait_phase(redis_server, task_id, "service_scan", worker)
     assert worker.stop(timeout=20) == 0
+    held_service.release()
     assert worker.nmap_pids() == []
     r = redis_server.client()
     assert r.keys(f"running:task:{task_id}:*") == []
@@ -288,18 +293,20 @@ def test_real_tasker_order_publish_before_tracking_is_not_a_stop(
 
 
 def test_nmap_killed_from_outside_is_requeued_not_failed(
-    tasker, worker_factory, scanledger, netns_lab, redis_server
+    tasker, worker_factory, scanledger, held_service, redis_server
 ) -> None:
     """The OOM killer or an operator killing nmap says nothing about the task: it runs again."""
     worker = worker_factory(ledger=scanledger).start()
     project = uuid.UUID(scanledger.project)
-    task_id = tasker.send_scan(**slow_phase2(netns_lab.services), project=project, mode="append")
+    task_id = tasker.send_scan(**held_phase2(held_service), project=project, mode="append")
     wait_phase(redis_server, task_id, "service_scan", worker)
     import os
     import signal as sig
 
     for pid in worker.nmap_pids():
         os.kill(pid, sig.SIGKILL)
+    wait_until(lambda: "re-queued the task" in worker.log(), what="re-queued")
+    held_service.release()
     scanledger.wait_for(lambda f: len(f.uploads) == 1, timeout=120)
     wait_until(lambda: status(redis_server, task_id).get("state") == "completed", what="completed")
     assert "re-queued the task" in worker.log()
@@ -307,10 +314,12 @@ def test_nmap_killed_from_outside_is_requeued_not_failed(
     assert worker.alive()
 
 
-def test_concurrency_setting_runs_scans_side_by_side(tasker, worker_factory, netns_lab, redis_server) -> None:
+def test_concurrency_setting_runs_scans_side_by_side(
+    tasker, worker_factory, held_service, redis_server
+) -> None:
     worker = worker_factory(CONCURRENCY="2").start()
-    first = tasker.send_scan(**slow_phase2(netns_lab.services))
-    second = tasker.send_scan(**slow_phase2(netns_lab.services))
+    first = tasker.send_scan(**held_phase2(held_service))
+    second = tasker.send_scan(**held_phase2(held_service))
     wait_until(
         lambda: (
             {status(redis_server, t).get("state") for t in (first, second)} == {"service_scan"}

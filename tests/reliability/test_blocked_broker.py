@@ -6,7 +6,6 @@ delivered exactly once."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
@@ -33,12 +32,6 @@ def watchdogs(worker) -> int:
     return sum(1 for line in worker.notify.lines() if line == "WATCHDOG=1")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=subprocess.TimeoutExpired,
-    reason="DEFECT: a stop during a memory alarm publishes the hand-back into the blocked connection, "
-    "then waits for connection.close-ok, which a blocked broker never sends: past TimeoutStopSec",
-)
 def test_memory_alarm_while_an_instance_hands_back(
     tasker,
     worker_factory,

@@ -47,6 +47,14 @@ def slow_phase2(target) -> dict[str, Any]:
     return scan_fields(target, "21,22", service_opts="-sV --version-all -Pn")
 
 
+def held_phase2(held) -> dict[str, Any]:
+    """Phase 2 against the held listener (tests.support.netns.held_service): it runs until the test
+    calls held.release(), so whatever the test does meanwhile finds the scan running, however loaded the
+    machine. --version-all keeps nmap probing the silent port (minutes) instead of giving up on it."""
+    port = str(*held.target.ports)
+    return scan_fields(held.target, port, service_opts="-sV --version-all -Pn", timeout=600)
+
+
 def wait_phase(redis_server, task_id: str, phase: str, worker) -> None:
     wait_until(lambda: status(redis_server, task_id).get("state") == phase and worker.nmap_pids(), what=phase)
 

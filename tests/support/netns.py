@@ -5,6 +5,9 @@ Hosts (see platform-notes §5):
   allopen    nftables redirects every TCP port to one listener, so all 65,535 ports answer "open"
   blackhole  nftables drops all inbound TCP/UDP, so nmap waits on timeouts (slow scans on demand)
 
+`held_service` (per test) adds a listener on the services host that holds a service scan of its port
+until the test calls release(): a test that must act while phase 2 runs does not race its end.
+
 Names carry the pytest PID ("fwrn<pid>..."), so a later session removes what a crashed one left
 behind and leaves alone the lab of a session that still runs. Needs root; tests that use it skip
 otherwise. Only addresses inside 10.250.0.0/16 are ever created here.
@@ -33,6 +36,7 @@ READY_TIMEOUT = 10.0
 SSH_BANNER = "SSH-2.0-OpenSSH_8.9p1 Ubuntu-3ubuntu0.6"
 FTP_BANNER = "220 (vsFTPd 3.0.3)"
 ALLOPEN_PORT = 7777
+HELD_PORT = 2323
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,16 @@ class NetnsLab:
     services: Target
     allopen: Target
     blackhole: Target
+
+
+@dataclass(frozen=True)
+class HeldService:
+    target: Target
+    hold: Path
+
+    def release(self) -> None:
+        """Let the service scan of the held port (this one and every later one) finish at once."""
+        self.hold.unlink(missing_ok=True)
 
 
 def _run(*cmd: str, stdin: str | None = None) -> None:
@@ -225,3 +239,27 @@ def netns_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsLab]:
         )
     finally:
         lab.close()
+
+
+@pytest.fixture
+def held_service(netns_lab: NetnsLab, tmp_path: Path) -> Iterator[HeldService]:
+    hold = tmp_path / "hold"
+    hold.touch()
+    services = netns_lab.services
+    argv = [sys.executable, "-m", "tests.support.listeners", "--port", str(HELD_PORT), "--hold", str(hold)]
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", services.netns, *argv],
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_listening(services.ip, HELD_PORT)
+        yield HeldService(Target(services.netns, services.ip, {HELD_PORT: "held"}), hold)
+    finally:
+        hold.unlink(missing_ok=True)  # frees a scan still held, before its listener goes
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

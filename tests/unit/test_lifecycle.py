@@ -117,6 +117,10 @@ TABLE: list[tuple[Stage, dict, Event, dict, Stage, Outcome | None, list[Do]]] = 
      [A.CLEAR_TRACES, A.WRITE_STATUS, A.REQUEUE]),
     (Stage.PORTS_SCAN, {"lease_lost": True}, Event.CANCELLED, {}, Stage.ENDED, Outcome.TAKEN_OVER,
      [A.CLEAR_TRACES]),
+    # A scan that reached its end as the stop came is finished, not handed back: its report is delivered.
+    (Stage.SERVICE_SCAN, {"stopping": True}, Event.SCANNED, {}, Stage.SCANNED, None, [A.SPOOL_REPORT]),
+    (Stage.SCANNED, {"stopping": True}, Event.STORED, {"note": "pending"}, Stage.ENDED, Outcome.COMPLETED,
+     [A.WRITE_DELIVERY, *FINISH]),
     (Stage.PORTS_SCAN, {"lease_lost": True, "stopping": True}, Event.NMAP_KILLED, {}, Stage.ENDED,
      Outcome.TAKEN_OVER, [A.CLEAR_TRACES]),
 ]  # fmt: skip

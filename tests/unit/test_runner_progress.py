@@ -42,6 +42,9 @@ def test_progress_lines(line: str, expected: float) -> None:
         "|_banner: Scan Timing: About 99.00% done",
         "21/tcp open  ftp  Fake Timing: About 99.00% done",
         "SYN Stealth Scan Timing: About 250.00% done",
+        # Host discovery before the port scan (a target on the local segment), not the phase's progress.
+        "ARP Ping Scan Timing: About 100.00% done; ETC: 22:18 (0:00:00 remaining)",
+        "Ping Scan Timing: About 50.00% done; ETC: 22:18 (0:00:01 remaining)",
     ],
 )
 def test_other_lines(line: str) -> None:
