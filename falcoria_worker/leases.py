@@ -143,6 +143,9 @@ class Leases:
             if not r.cancel.is_set() and (stopped or self.store.is_revoked(r.task_id)):
                 self.cancel([r.task_id], "a revoke or stop seen in Redis")
 
+    def release_node(self) -> None:
+        self.store.release_node(self.identity.nodename, self.identity.machine)
+
     def sweep(self) -> None:
         # Only leases expired for a whole period: a live owner that was briefly slow renews in time.
         # Lease deadlines are on Redis's clock, so a step of this host's wall clock cannot expire them.

@@ -344,6 +344,9 @@ class Worker:
                 log.warning("could not requeue tasks now (%s); they are recovered from Redis later", exc)
             finally:
                 self.link.drop()
+        if not self.requeues.pending and self.health.ok:  # else the claim guards the leases left
+            with contextlib.suppress(redis.RedisError):
+                self.leases.release_node()
         if self.deliverer:
             self.deliverer.stop(timeout=5.0)
         log.info("stopped")
