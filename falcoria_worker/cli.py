@@ -11,6 +11,7 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from falcoria_worker import __version__, caps
 from falcoria_worker.config import Settings, ca_bundle, secret_values
@@ -20,6 +21,9 @@ from falcoria_worker.pipeline import Engine
 from falcoria_worker.policy import PolicyConfig
 from falcoria_worker.scope import Scope
 from falcoria_worker.settings_io import describe, load
+
+if TYPE_CHECKING:
+    from falcoria_worker.ledger import ScanLedger
 
 log = logging.getLogger("falcoria_worker")
 
@@ -287,21 +291,25 @@ def _table(rows: Sequence[object]) -> str:
     return text if rows else text + "\n(no ports listed)"
 
 
-def _upload(settings: Settings, project: str, mode: str, report: Path) -> int:
-    from falcoria_worker.errors import DeliveryRejected, Retryable
+def ledger_from(settings: Settings) -> ScanLedger:
     from falcoria_worker.ledger import ScanLedger
 
-    if not settings.backend_base_url:
-        print("not uploaded: BACKEND_BASE_URL is not set", file=sys.stderr)
-        return 1
-    ledger = ScanLedger(
-        settings.backend_base_url,
+    return ScanLedger(
+        settings.backend_base_url or "",
         settings.worker_backend_token,
         ca_bundle=ca_bundle(settings),
         timeout=settings.scanledger_timeout,
     )
+
+
+def _upload(settings: Settings, project: str, mode: str, report: Path) -> int:
+    from falcoria_worker.errors import DeliveryRejected, Retryable
+
+    if not settings.backend_base_url:
+        print("not uploaded: BACKEND_BASE_URL is not set", file=sys.stderr)
+        return 1
     try:
-        ips = ledger.upload(project, mode, True, report)
+        ips = ledger_from(settings).upload(project, mode, True, report)
     except (Retryable, DeliveryRejected) as exc:
         print(f"upload failed: {exc}", file=sys.stderr)
         return 1
@@ -352,12 +360,13 @@ def _register_ip(_args: argparse.Namespace, settings: Settings) -> int:
 # ---------------------------------------------------------------------------- run
 
 
-def _run(_args: argparse.Namespace, settings: Settings) -> int:
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
     import time
 
-    from falcoria_worker.ledger import ScanLedger
     from falcoria_worker.observers import ObserverHub, delivery_reporter
     from falcoria_worker.redis_store import RedisStore, redis_client
+    from falcoria_worker.reload import Reloader
     from falcoria_worker.runloop import Worker
     from falcoria_worker.spool import Deliverer, Spool
     from falcoria_worker.systemd_notify import Notifier
@@ -378,21 +387,34 @@ def _run(_args: argparse.Namespace, settings: Settings) -> int:
     hub = ObserverHub()
     if settings.backend_base_url:
         spool = Spool(Path(settings.state_dir) / "spool")
-        ledger = ScanLedger(
-            settings.backend_base_url,
-            settings.worker_backend_token,
-            ca_bundle=ca_bundle(settings),
-            timeout=settings.scanledger_timeout,
-        )
         deliverer = Deliverer(
             spool,
-            ledger,
+            ledger_from(settings),
             on_result=delivery_reporter(hub, time.time),
             backoff_max=settings.upload_backoff_max,
         )
     else:
         log.warning("BACKEND_BASE_URL is not set: results stay in %s/results", settings.state_dir)
+    # `systemctl reload`: the same layers as at start, read again.
+    reloader = Reloader(
+        lambda: load(
+            instance=args.instance,
+            overrides=_parse_sets(args.set),
+            config_files=[Path(p) for p in args.config],
+        ),
+        engine_from,
+        build_ledger=ledger_from,
+        deliverer=deliverer,
+    )
+    signal.signal(signal.SIGHUP, reloader.request)
     worker = Worker(
-        settings, engine=engine, store=store, notifier=Notifier(), spool=spool, deliverer=deliverer, hub=hub
+        settings,
+        engine=engine,
+        store=store,
+        notifier=Notifier(),
+        spool=spool,
+        deliverer=deliverer,
+        reloader=reloader,
+        hub=hub,
     )
     return worker.run()

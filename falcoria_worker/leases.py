@@ -3,6 +3,7 @@ expired leases, recovery at start, and the requeue itself (lease first, then the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import time
@@ -144,7 +145,9 @@ class Leases:
                 self.cancel([r.task_id], "a revoke or stop seen in Redis")
 
     def release_node(self) -> None:
-        self.store.release_node(self.identity.nodename, self.identity.machine)
+        """At a clean stop: the next start of this name, here or elsewhere, need not wait for the TTL."""
+        with contextlib.suppress(redis.RedisError):
+            self.store.release_node(self.identity.nodename, self.identity.machine)
 
     def sweep(self) -> None:
         # Only leases expired for a whole period: a live owner that was briefly slow renews in time.
