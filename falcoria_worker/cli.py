@@ -76,11 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check", parents=[common], help="verify config, nmap, raw sockets and the peers")
     sub.add_parser("config", parents=[common], help="print the effective settings (secrets masked)")
     sub.add_parser("register-ip", parents=[common], help="write this host's IP to Redis for Tasker")
+    status = sub.add_parser("status", help="every instance on this host: state, scans, spool, last error")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--runtime-root", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "status":  # reads systemd and the status files only: no settings needed
+        return _status(args)
     try:
         overrides = _parse_sets(args.set)
         loaded = load(
@@ -357,6 +362,19 @@ def _register_ip(_args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from falcoria_worker import status
+
+    rows = status.gather(
+        status.systemd_units(), status.status_files(args.runtime_root or status.RUNTIME_ROOT)
+    )
+    print(json.dumps(rows, indent=2, sort_keys=True) if args.json else status.render(rows, time.time()))
+    return 0
+
+
 # ---------------------------------------------------------------------------- run
 
 
@@ -369,6 +387,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from falcoria_worker.reload import Reloader
     from falcoria_worker.runloop import Worker
     from falcoria_worker.spool import Deliverer, Spool
+    from falcoria_worker.status import StatusFile, status_path
     from falcoria_worker.systemd_notify import Notifier
 
     engine = engine_from(settings)
@@ -395,6 +414,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         )
     else:
         log.warning("BACKEND_BASE_URL is not set: results stay in %s/results", settings.state_dir)
+    status_file = StatusFile(
+        status_path(Path(settings.state_dir)), instance=settings.instance, spool=spool, clock=time.time
+    )
+    hub.add(status_file)
+    hub.add_worker(status_file)
     # `systemctl reload`: the same layers as at start, read again.
     reloader = Reloader(
         lambda: load(
