@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import threading
@@ -21,6 +22,8 @@ from typing import Any
 
 from falcoria_worker.lifecycle import HANDED_BACK, Event, Outcome, Stage, Transition
 from falcoria_worker.spool import Spool
+
+log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
 RUNTIME_ROOT = Path("/run/falcoria-worker")
@@ -62,6 +65,7 @@ class StatusFile:
         self.spool = spool
         self.clock = clock
         self._lock = threading.Lock()
+        self._write_failed = False
         self._doc: dict[str, Any] = {
             "instance": instance,
             "pid": os.getpid(),
@@ -110,7 +114,15 @@ class StatusFile:
 
     def _write(self) -> None:
         doc = {**self._doc, "written_at": self.clock(), "spool": spool_counts(self.spool)}
-        write_atomically(self.path, json.dumps(doc, sort_keys=True).encode())
+        try:
+            write_atomically(self.path, json.dumps(doc, sort_keys=True).encode())
+        except OSError as exc:
+            # Only `status` misses it: scans go on. Said once, not at every progress step.
+            if not self._write_failed:
+                log.warning("cannot write the status file %s: %s", self.path, exc)
+            self._write_failed = True
+        else:
+            self._write_failed = False
 
 
 def _error_of(t: Transition) -> str | None:

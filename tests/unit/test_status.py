@@ -8,6 +8,8 @@ import stat
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from falcoria_worker.lifecycle import Event, new_task, step
 from falcoria_worker.model import Phase, parse_task
 from falcoria_worker.spool import Spool
@@ -158,3 +160,12 @@ def test_an_instance_run_by_hand_shows_from_its_file_alone() -> None:
     rows = gather([], {"7": {"state": "ready", "started_at": 0.0, "tasks": {}}})
     assert rows[0]["unit"] is None and rows[0]["state"] == "ready"
     assert render([], 0.0) == "no falcoria-worker instances on this host"
+
+
+def test_an_unwritable_status_file_is_reported_once_and_never_raises(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    status = StatusFile(tmp_path / "missing" / "status.json", instance="1", spool=None)
+    status.worker_started()
+    status.worker_ready()
+    assert caplog.text.count("cannot write the status file") == 1
