@@ -230,7 +230,7 @@ def test_register_ip_keeps_taskers_last_seen(r: redis.Redis, state: RedisStore) 
 
 
 def test_status_hash_fields_and_ttl(r: redis.Redis, state: RedisStore) -> None:
-    state.set_status("t1", "received")
+    state.set_status("t1", "received", worker=f"worker1@{HOST}")
     state.set_status("t1", "ports_scan", phase="ports_scan", percent=37.5)
     status = state.get_status("t1")
     assert status["state"] == "ports_scan"
@@ -250,7 +250,7 @@ def test_status_hash_fields_and_ttl(r: redis.Redis, state: RedisStore) -> None:
     state.set_status_fields("t1", delivery="delivered")
     assert state.get_status("t1")["state"] == "failed"
     assert state.get_status("t1")["delivery"] == "delivered"
-    state.set_status("t1", "received")
+    state.set_status("t1", "received", worker=f"worker1@{HOST}")
     assert "error" not in state.get_status("t1")
 
 
