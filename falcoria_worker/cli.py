@@ -11,6 +11,7 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from falcoria_worker import __version__, caps, spoolctl
 from falcoria_worker.config import Settings, ca_bundle, secret_values
@@ -20,6 +21,9 @@ from falcoria_worker.pipeline import Engine
 from falcoria_worker.policy import PolicyConfig
 from falcoria_worker.scope import Scope
 from falcoria_worker.settings_io import describe, load
+
+if TYPE_CHECKING:
+    from falcoria_worker.ledger import ScanLedger
 
 log = logging.getLogger("falcoria_worker")
 
@@ -73,11 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("config", parents=[common], help="print the effective settings (secrets masked)")
     sub.add_parser("register-ip", parents=[common], help="write this host's IP to Redis for Tasker")
     spoolctl.add_parser(sub, common)
+    status = sub.add_parser("status", help="every instance on this host: state, scans, spool, last error")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--runtime-root", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "status":  # reads systemd and the status files only: no settings needed
+        return _status(args)
     try:
         overrides = _parse_sets(args.set)
         loaded = load(
@@ -292,21 +301,25 @@ def _table(rows: Sequence[object]) -> str:
     return text if rows else text + "\n(no ports listed)"
 
 
-def _upload(settings: Settings, project: str, mode: str, report: Path) -> int:
-    from falcoria_worker.errors import DeliveryRejected, Retryable
+def ledger_from(settings: Settings) -> ScanLedger:
     from falcoria_worker.ledger import ScanLedger
 
-    if not settings.backend_base_url:
-        print("not uploaded: BACKEND_BASE_URL is not set", file=sys.stderr)
-        return 1
-    ledger = ScanLedger(
-        settings.backend_base_url,
+    return ScanLedger(
+        settings.backend_base_url or "",
         settings.worker_backend_token,
         ca_bundle=ca_bundle(settings),
         timeout=settings.scanledger_timeout,
     )
+
+
+def _upload(settings: Settings, project: str, mode: str, report: Path) -> int:
+    from falcoria_worker.errors import DeliveryRejected, Retryable
+
+    if not settings.backend_base_url:
+        print("not uploaded: BACKEND_BASE_URL is not set", file=sys.stderr)
+        return 1
     try:
-        ips = ledger.upload(project, mode, True, report)
+        ips = ledger_from(settings).upload(project, mode, True, report)
     except (Retryable, DeliveryRejected) as exc:
         print(f"upload failed: {exc}", file=sys.stderr)
         return 1
@@ -354,17 +367,32 @@ def _register_ip(_args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from falcoria_worker import status
+
+    rows = status.gather(
+        status.systemd_units(), status.status_files(args.runtime_root or status.RUNTIME_ROOT)
+    )
+    print(json.dumps(rows, indent=2, sort_keys=True) if args.json else status.render(rows, time.time()))
+    return 0
+
+
 # ---------------------------------------------------------------------------- run
 
 
-def _run(_args: argparse.Namespace, settings: Settings) -> int:
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
     import time
 
-    from falcoria_worker.ledger import ScanLedger
     from falcoria_worker.observers import ObserverHub, delivery_reporter
     from falcoria_worker.redis_store import RedisStore, redis_client
+    from falcoria_worker.reload import Reloader
     from falcoria_worker.runloop import Worker
     from falcoria_worker.spool import Deliverer, Spool
+    from falcoria_worker.status import StatusFile, status_path
     from falcoria_worker.systemd_notify import Notifier
 
     engine = engine_from(settings)
@@ -383,21 +411,39 @@ def _run(_args: argparse.Namespace, settings: Settings) -> int:
     hub = ObserverHub()
     if settings.backend_base_url:
         spool = Spool(Path(settings.state_dir) / "spool")
-        ledger = ScanLedger(
-            settings.backend_base_url,
-            settings.worker_backend_token,
-            ca_bundle=ca_bundle(settings),
-            timeout=settings.scanledger_timeout,
-        )
         deliverer = Deliverer(
             spool,
-            ledger,
+            ledger_from(settings),
             on_result=delivery_reporter(hub, time.time),
             backoff_max=settings.upload_backoff_max,
         )
     else:
         log.warning("BACKEND_BASE_URL is not set: results stay in %s/results", settings.state_dir)
+    status_file = StatusFile(
+        status_path(Path(settings.state_dir)), instance=settings.instance, spool=spool, clock=time.time
+    )
+    hub.add(status_file)
+    hub.add_worker(status_file)
+    # `systemctl reload`: the same layers as at start, read again.
+    reloader = Reloader(
+        lambda: load(
+            instance=args.instance,
+            overrides=_parse_sets(args.set),
+            config_files=[Path(p) for p in args.config],
+        ),
+        engine_from,
+        build_ledger=ledger_from,
+        deliverer=deliverer,
+    )
+    signal.signal(signal.SIGHUP, reloader.request)
     worker = Worker(
-        settings, engine=engine, store=store, notifier=Notifier(), spool=spool, deliverer=deliverer, hub=hub
+        settings,
+        engine=engine,
+        store=store,
+        notifier=Notifier(),
+        spool=spool,
+        deliverer=deliverer,
+        reloader=reloader,
+        hub=hub,
     )
     return worker.run()

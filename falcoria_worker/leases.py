@@ -3,6 +3,7 @@ expired leases, recovery at start, and the requeue itself (lease first, then the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import time
@@ -148,6 +149,11 @@ class Leases:
             stopped = self.settings.require_task_metadata and self.store.tasker_stopped(r.task_id, task)
             if not r.cancel.is_set() and (stopped or self.store.is_revoked(r.task_id)):
                 self.cancel([r.task_id], "a revoke or stop seen in Redis")
+
+    def release_node(self) -> None:
+        """At a clean stop: the next start of this name, here or elsewhere, need not wait for the TTL."""
+        with contextlib.suppress(redis.RedisError):
+            self.store.release_node(self.identity.nodename, self.identity.machine)
 
     def sweep(self) -> None:
         # Only leases expired for a whole period: a live owner that was briefly slow renews in time.

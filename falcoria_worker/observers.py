@@ -58,8 +58,9 @@ class StatusLine:
     """systemd's STATUS line and the instance's READY/STOPPING. Holds the views of the running tasks:
     written by every thread that applies a transition, read by the loop; a lock guards the dict."""
 
-    def __init__(self, notifier: Notifier) -> None:
+    def __init__(self, notifier: Notifier, *, note: Callable[[], str | None] = lambda: None) -> None:
         self.notifier = notifier
+        self.note = note  # what STATUS keeps saying until it no longer holds (a refused reload)
         self._views: dict[str, TaskView] = {}
         self._lock = threading.Lock()
 
@@ -85,6 +86,11 @@ class StatusLine:
         self.notifier.status("stopping")
 
     def text(self, *, broker_down: str | None, redis_ok: bool, scans: int) -> str:
+        note = self.note()
+        line = self._text(broker_down=broker_down, redis_ok=redis_ok, scans=scans)
+        return f"{line}; {note}" if note else line
+
+    def _text(self, *, broker_down: str | None, redis_ok: bool, scans: int) -> str:
         busy = f"; {scans} scan(s) continue" if scans else ""
         if broker_down is not None:
             return f"reconnecting to RabbitMQ: {broker_down}{busy}"

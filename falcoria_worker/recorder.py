@@ -100,7 +100,7 @@ class RedisRecorder:
             if only is not None and do not in only:
                 continue
             if do is Do.MARK_RUNNING and v.task is not None:
-                s.mark_running(task_id, v.task, started_at=int(v.started_at or t.at), worker=self.nodename)
+                s.mark_running(task_id, v.task, started_at=int(v.started_at or t.at))
             elif do is Do.WRITE_PID and v.pid is not None:
                 s.set_pid(task_id, v.pid)
             elif do is Do.CLEAR_PID:

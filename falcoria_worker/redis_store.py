@@ -158,6 +158,14 @@ end
 return 0
 """
 
+# KEYS: node key. ARGV: identity. Compare and delete: another machine may have claimed the name since.
+_RELEASE_NODE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 
 def redis_client(settings: Settings) -> redis.Redis:
     """The worker's Redis client: text replies, and timeouts so that a dead Redis cannot hang the loop.
@@ -194,19 +202,21 @@ class RedisStore:
         self._requeue_lease = client.register_script(_REQUEUE_LEASE)
         self._owned_by = client.register_script(_OWNED_BY)
         self._refresh_lock = client.register_script(_REFRESH_LOCK)
+        self._release_node = client.register_script(_RELEASE_NODE)
 
     def ping(self) -> None:
         self.r.ping()
 
     # ------------------------------------------------------------------ Tasker's keys
 
-    def mark_running(self, task_id: str, task: ScanTask, started_at: int, worker: str | None = None) -> None:
-        """RPUSH the RunningNmapTarget that Tasker's status lists (its `worker` is free text upstream).
-        The list is emptied first: a redelivered task on the same host must still count as one."""
+    def mark_running(self, task_id: str, task: ScanTask, started_at: int) -> None:
+        """RPUSH the RunningNmapTarget that Tasker's status lists. Its `worker` is the name of the
+        `worker:{name}` key this store registers, as upstream writes it, so the Falcoria CLI can join the
+        two. The list is emptied first: a redelivered task on the same host must still count as one."""
         entry = {
             "ip": task.ip,
             "hostnames": list(task.hostnames),
-            "worker": worker or self.hostname,
+            "worker": self.hostname,
             "started_at": int(started_at),
         }
         key = keys.running_task_key(task_id, self.hostname)
@@ -328,6 +338,10 @@ class RedisStore:
 
     def renew_node(self, nodename: str, identity: str, ttl: int) -> None:
         self.r.set(keys.node_key(nodename), identity, ex=ttl)
+
+    def release_node(self, nodename: str, identity: str) -> None:
+        """Delete the node's claim if it is still `identity`'s (a stopped instance leaves nothing behind)."""
+        self._release_node(keys=[keys.node_key(nodename)], args=[identity])
 
     def register_ip(self, ip: str) -> None:
         self.r.hset(keys.worker_key(self.hostname), mapping={"ip": ip, "last_updated": int(time.time())})

@@ -41,6 +41,7 @@ from falcoria_worker.observers import JournalFields, ObserverHub, StatusLine
 from falcoria_worker.pipeline import Engine, Plan
 from falcoria_worker.recorder import RedisHealth, RedisRecorder
 from falcoria_worker.redis_store import RedisStore
+from falcoria_worker.reload import Reloader
 from falcoria_worker.scanning import Scans
 from falcoria_worker.spool import Deliverer, Spool
 from falcoria_worker.systemd_notify import Notifier
@@ -62,9 +63,11 @@ class Worker:
         notifier: Notifier,
         spool: Spool | None,
         deliverer: Deliverer | None,
+        reloader: Reloader,
         hub: ObserverHub | None = None,
     ) -> None:
         self.settings = settings
+        self.reloader = reloader
         self.store = store
         self.notifier = notifier
         self.deliverer = deliverer
@@ -78,8 +81,9 @@ class Worker:
             store, self.health, nodename=self.identity.nodename, owner=self.identity.owner
         )
         self.requeues = Requeues(settings, store, self.identity)
-        self.status_line = StatusLine(notifier)
+        self.status_line = StatusLine(notifier, note=lambda: reloader.problem)
         self.waker = Waker()  # transitions, scan ends and signals wake the loop (STATUS follows the phases)
+        reloader.wake = self.waker.wake
         for observer in (self.recorder, self.requeues, JournalFields(), self.status_line, self.waker):
             self.hub.add(observer)
         self.hub.add_worker(self.status_line)
@@ -171,16 +175,13 @@ class Worker:
         while not self.stop_requested and (now := time.monotonic()) < end:
             self._collect_ended()
             if self.health.ok:
-                # Leases are renewed during a broker outage too: the scans go on, and other instances
-                # must not take them over.
+                # Leases are renewed in a broker outage too: the scans go on, nobody may take them over.
                 try:
                     self._redis_duties(now)
                 except redis.RedisError:
                     self.health.ok = False
             self.notifier.feed_watchdog(now)
             self.waker.wait(min(self._time_to_next(), end - now))
-
-    # ------------------------------------------------------------------ connections
 
     def _ensure_redis(self) -> None:
         while not self.stop_requested:
@@ -221,6 +222,7 @@ class Worker:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        self.reloader.poll(self)  # SIGHUP: new settings for the tasks admitted from now on
         self._collect_ended()
         self._update_consumption()  # cheap; catches a Redis outage a scan thread reported
         if not self.health.ok and now - self._last_probe >= REDIS_PROBE:
@@ -323,8 +325,6 @@ class Worker:
         self._update_consumption()
         self.scans.start(record, plan)
 
-    # ------------------------------------------------------------------ stop
-
     def _shutdown(self) -> None:
         self.hub.worker_event("worker_stopping")
         for record in list(self.running.values()):
@@ -338,11 +338,12 @@ class Worker:
                 self.requeues.take_back()
                 self.requeues.publish(producer)
             except Exception as exc:
-                # The leases stay: the next start of this instance (or another instance once they
-                # expire) requeues these tasks, so nothing is lost.
+                # The leases stay: this instance's next start, or any once they expire, requeues them.
                 log.warning("could not requeue tasks now (%s); they are recovered from Redis later", exc)
             finally:
                 self.link.drop()
+        if not self.requeues.pending and self.health.ok:  # else the claim guards the leases left
+            self.leases.release_node()
         if self.deliverer:
             self.deliverer.stop(timeout=5.0)
         log.info("stopped")

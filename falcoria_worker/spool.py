@@ -399,6 +399,12 @@ class Deliverer(threading.Thread):
         self._retry: dict[tuple[str, float], tuple[int, float, int]] = {}
         self._delivered: set[tuple[str, float]] = set()  # uploaded, removal pending: never upload again
 
+    def use(self, ledger: ScanLedger, *, backoff_max: float) -> None:
+        """A reloaded configuration: the next upload goes through `ledger` (one attribute each, read
+        once per upload, so the upload in flight finishes with the old one)."""
+        self._ledger = ledger
+        self._max = backoff_max
+
     def wake(self) -> None:
         """A new entry is pending: deliver it now, unless the spool is backing off."""
         self._wake.set()

@@ -75,7 +75,7 @@ def test_after_cleanup_only_the_worker_key_remains(r: redis.Redis, state: RedisS
     lock = tasker_enqueue(r, task_id, task)
     assert " " in lock  # several ports: the key holds spaces
     state.register_ip("192.0.2.2")
-    state.mark_running(task_id, task, started_at=1_700_000_000, worker=f"worker1@{HOST}")
+    state.mark_running(task_id, task, started_at=1_700_000_000)
     state.set_pid(task_id, 4242)
     r.set(f"project:{PROJECT}:ip_task_lock:{task.ip}", "1")  # upstream keys nothing writes; cleanup DELs them
     r.set(f"scan:lock:{HOST}", "1")
@@ -139,14 +139,14 @@ def test_cleanup_partial_of_garbage_removes_what_it_can(
 
 def test_running_entry_is_taskers_running_nmap_target(r: redis.Redis, state: RedisStore) -> None:
     task, task_id = make_task(), str(uuid.uuid4())
-    state.mark_running(task_id, task, started_at=1_700_000_123, worker=f"worker1@{HOST}")
-    state.mark_running(task_id, task, started_at=1_700_000_124, worker=f"worker1@{HOST}")  # redelivered
+    state.mark_running(task_id, task, started_at=1_700_000_123)
+    state.mark_running(task_id, task, started_at=1_700_000_124)  # redelivered
     entries = r.lrange(f"running:task:{task_id}:host:{HOST}", 0, -1)
     assert [json.loads(e) for e in entries] == [
         {
             "ip": "127.0.0.1",
             "hostnames": ["loopback.test"],
-            "worker": f"worker1@{HOST}",
+            "worker": HOST,  # the name of the worker:{name} key, as upstream writes it
             "started_at": 1_700_000_124,
         }
     ]
@@ -171,6 +171,14 @@ def test_clear_running_keeps_taskers_keys(r: redis.Redis, state: RedisStore) -> 
     assert not r.exists(f"running:task:{task_id}:host:{HOST}", f"running_tool:nmap:{HOST}")
     assert r.exists(lock, f"task:{task_id}:metadata:nmap") == 2
     assert r.sismember(f"project:{PROJECT}:task_ids", task_id)
+
+
+def test_release_node_deletes_only_its_own_claim(r: redis.Redis, state: RedisStore) -> None:
+    assert state.claim_node(f"worker1@{HOST}", "machine-a:/state", ttl=60) is None
+    state.release_node(f"worker1@{HOST}", "machine-b:/state")  # not the holder: kept
+    assert r.get(f"fw:node:worker1@{HOST}") == "machine-a:/state"
+    state.release_node(f"worker1@{HOST}", "machine-a:/state")
+    assert r.exists(f"fw:node:worker1@{HOST}") == 0
 
 
 def test_metadata_exists(r: redis.Redis, state: RedisStore) -> None:
@@ -242,7 +250,7 @@ def test_status_hash_fields_and_ttl(r: redis.Redis, state: RedisStore) -> None:
     state.set_status_fields("t1", delivery="delivered")
     assert state.get_status("t1")["state"] == "failed"
     assert state.get_status("t1")["delivery"] == "delivered"
-    state.set_status("t1", "received")
+    state.set_status("t1", "received", worker=f"worker1@{HOST}")
     assert "error" not in state.get_status("t1")
 
 

@@ -389,11 +389,11 @@ def test_status_counts_what_the_worker_writes(tasker: Tasker, redis_server: Redi
         }
     )
     state.register_ip("192.0.2.2")
-    state.mark_running(task_id, message_task, started_at=1_700_000_000, worker=NODE)
+    state.mark_running(task_id, message_task, started_at=1_700_000_000)
     status = tasker.status(project)
     assert (status["active_or_queued"], status["running"]) == (1, 1)
     assert status["running_targets"] == [
-        {"ip": "127.0.0.1", "hostnames": ["a.test"], "worker": NODE, "started_at": 1_700_000_000}
+        {"ip": "127.0.0.1", "hostnames": ["a.test"], "worker": HOST, "started_at": 1_700_000_000}
     ]
     state.cleanup(task_id, message_task)
     assert tasker.status(project) == {"active_or_queued": 0, "running": 0, "running_targets": []}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -82,6 +83,22 @@ def test_update_ip_broadcast_registers_the_configured_ip(tasker, worker_factory,
         lambda: r.hget(f"worker:{worker.hostname}", "ip") == "198.51.100.7", what="registration on broadcast"
     )
     assert int(r.hget(f"worker:{worker.hostname}", "last_updated")) > 0
+
+
+def test_running_entry_names_the_registered_worker_and_a_clean_stop_leaves_no_node_claim(
+    tasker, worker_factory, netns_lab, redis_server
+) -> None:
+    worker = worker_factory().start()
+    r = redis_server.client()
+    task_id = tasker.send_scan(**slow_phase2(netns_lab.services))
+    wait_phase(redis_server, task_id, "service_scan", worker)
+    (entry,) = r.lrange(f"running:task:{task_id}:host:{worker.hostname}", 0, -1)
+    # The Falcoria CLI joins the running targets to the worker list by this name.
+    assert json.loads(entry)["worker"] == worker.hostname
+    assert r.exists(f"worker:{worker.hostname}")
+    assert r.exists(f"fw:node:{worker.nodename}")
+    assert worker.stop(timeout=20) == 0
+    assert r.exists(f"fw:node:{worker.nodename}") == 0
 
 
 def test_hostile_task_is_rejected_with_a_reason_and_nmap_never_starts(

@@ -77,6 +77,7 @@ class WorkerProcess:
     state_dir: Path
     log_path: Path
     notify: NotifyReceiver
+    args: tuple[str, ...] = ()  # more command-line arguments of `run`
     proc: subprocess.Popen[bytes] | None = None
     exits: list[int] = field(default_factory=list)
 
@@ -97,7 +98,7 @@ class WorkerProcess:
         self.notify.messages.clear()
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "falcoria_worker", "run", "--instance", self.instance],
+            [sys.executable, "-m", "falcoria_worker", "run", "--instance", self.instance, *self.args],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -123,6 +124,11 @@ class WorkerProcess:
         self.exits.append(rc)
         self.proc = None
         return rc
+
+    def reload(self) -> None:
+        """SIGHUP, as `systemctl reload` sends it (ExecReload=)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
 
     def kill(self) -> None:
         """SIGKILL the main process only, as a crash would (its nmap group survives it)."""
@@ -207,7 +213,14 @@ def worker_factory(redis_server, rabbitmq, tmp_path: Path) -> Iterator[Callable[
     made: list[WorkerProcess] = []
     host = f"fwtest-{secrets.token_hex(3)}"
 
-    def make(instance: str = "1", *, ledger=None, hostname: str | None = None, **extra: str) -> WorkerProcess:
+    def make(
+        instance: str = "1",
+        *,
+        ledger=None,
+        hostname: str | None = None,
+        args: tuple[str, ...] = (),
+        **extra: str,
+    ) -> WorkerProcess:
         state_dir = tmp_path / f"state-{instance}"
         state_dir.mkdir(exist_ok=True)
         sock = tmp_path / f"notify-{instance}.sock"
@@ -217,7 +230,7 @@ def worker_factory(redis_server, rabbitmq, tmp_path: Path) -> Iterator[Callable[
         env["NOTIFY_SOCKET"] = str(sock)
         env["INSTANCE"] = instance
         proc = WorkerProcess(
-            instance, env, state_dir, tmp_path / f"worker-{instance}.log", NotifyReceiver(sock)
+            instance, env, state_dir, tmp_path / f"worker-{instance}.log", NotifyReceiver(sock), args
         )
         made.append(proc)
         return proc
