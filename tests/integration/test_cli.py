@@ -92,6 +92,7 @@ def test_check_reports_each_peer(redis_server, rabbitmq, tmp_path: Path) -> None
         "ok   config",
         "ok   nmap",
         "ok   raw sockets",
+        "ok   source address",
         "ok   state dir",
         "ok   redis",
         "ok   rabbitmq",
