@@ -13,7 +13,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from bench import cancel, large, overhead, parse_bench, scaling
+from bench import cancel, large, observers, overhead, parse_bench, scaling
 from bench.lab import Lab
 from bench.report import Result, append, header
 
@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, Callable[[Lab, bool], Result]] = {
     "cancel": cancel.run,
     "scaling": scaling.run,
     "parse": parse_bench.run,
+    "observers": observers.run,
 }
 
 

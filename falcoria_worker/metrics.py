@@ -2,8 +2,13 @@
 
 The bare-metal convention: no port of our own and nothing to authenticate. Each instance writes
 `<METRICS_TEXTFILE_DIR>/falcoria-worker@<N>.prom` with prometheus_client's `write_to_textfile` (a
-temporary file renamed over the old one, so node_exporter never reads half a file) at every
+temporary file renamed over the old one, so node_exporter never reads half a file) after every
 transition and at least every WRITE_INTERVAL seconds, and removes it on a clean stop.
+
+A transition only updates the registry and marks it changed; the loop's next `tick()` (every turn,
+tens of milliseconds) writes the file. A write costs a few milliseconds of file-system work, so doing it
+in the scan threads at every transition would be most of a task's overhead, and a burst of
+transitions (progress of several scans) is written once.
 
 The unit's UMask=0077 would make the file unreadable to node_exporter's user, so the temporary file is
 created 0644 first and write_to_textfile reuses it; a later prometheus_client that names its temporary
@@ -98,6 +103,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._running: dict[str, tuple[str | None, float]] = {}  # task id -> (phase, since)
         self._last_write = 0.0
+        self._changed = False
         self._failed_once = False
 
     # ------------------------------------------------------------------ tasks
@@ -117,7 +123,7 @@ class Metrics:
             elif view.running and (known is None or known[0] != phase):
                 self._running[transition.task_id] = (phase, transition.at)
             self.running.set(len(self._running))
-        self.write()
+            self._changed = True
 
     def _phase_done(self, known: tuple[str | None, float], at: float) -> None:
         phase, since = known
@@ -156,27 +162,33 @@ class Metrics:
     def spool_reports(self, counts: Mapping[str, int]) -> None:
         for state, count in counts.items():
             self.spool.labels(state=state).set(count)
+        self._changed = True
 
     def upload(self, result: str) -> None:
         self.uploads.labels(result=result).inc()
+        self._changed = True
 
     def lease_recovered(self) -> None:
         self.lease_recoveries.inc()
+        self._changed = True
 
     def raw_socket_capable(self, capable: bool) -> None:
         self.raw_socket.set(1 if capable else 0)
+        self._changed = True
 
     # ------------------------------------------------------------------ the file
 
     def tick(self, now: float | None = None) -> None:
+        """Writes what changed since the last write, and at least every WRITE_INTERVAL seconds."""
         now = time.monotonic() if now is None else now
-        if now - self._last_write >= WRITE_INTERVAL:
+        if self._changed or now - self._last_write >= WRITE_INTERVAL:
             self.write(now)
 
     def write(self, now: float | None = None) -> None:
         """Writes the file; a failure is logged once per run of failures and never raised: metrics
         must not stop a scan."""
         self._last_write = time.monotonic() if now is None else now
+        self._changed = False
         path = str(self.path)
         # write_to_textfile's temporary file: created here 0644 so the unit's UMask does not apply.
         tmp = f"{path}.{os.getpid()}.{threading.current_thread().ident}"

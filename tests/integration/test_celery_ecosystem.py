@@ -26,9 +26,10 @@ from falcoria_worker import broker as amqp_side
 from falcoria_worker import config
 from falcoria_worker.celery_control import ControlPanel, Snapshot
 from falcoria_worker.celery_events import CeleryEvents
+from falcoria_worker.drain import drain, resume
 from falcoria_worker.metrics import Metrics
 from falcoria_worker.model import parse_task
-from tests.support.celerycli import control, inspect, keys_missing, stock_worker
+from tests.support.celerycli import inspect, keys_missing, stock_worker
 from tests.support.lifecycle_standin import Life, Stage, TaskView
 from tests.support.monitoring import Flower, NodeExporter, running, screenshot
 from tests.support.services import RabbitMQ
@@ -210,7 +211,7 @@ def test_inspect_replies_have_every_key_of_a_stock_workers(
     with stock_worker(clean_broker, STOCK, tmp_path / "stock.log"):
         # A starting stock worker asks every node for its revoked ids: ours answered its hello.
         assert "mingle: sync with 1 nodes" in (tmp_path / "stock.log").read_text()
-        stock_scan = app.send_task("project.nmap.scan", args=[{"sleep": 120}])
+        stock_scan = app.send_task("project.nmap.scan", args=[{"sleep": 300}])
         replies = {}
         for command in (*INSPECT, "query_task"):
             ids = [stock_scan.id, scan_id] if command == "query_task" else []
@@ -220,9 +221,8 @@ def test_inspect_replies_have_every_key_of_a_stock_workers(
                 if command not in ("active", "query_task") or (got.get(STOCK) and got.get(NODE)):
                     break
                 time.sleep(1)
-            assert set(got) == {STOCK, NODE}, (command, got)
+            assert set(got) == {STOCK, NODE}, (command, got, (tmp_path / "stock.log").read_text()[-3000:])
             replies[command] = got
-        control(clean_broker, "revoke", STOCK, stock_scan.id, "--terminate")
 
     (tmp_path / "inspect.json").write_text(json.dumps(replies, indent=1, default=str))
     for command, got in replies.items():
@@ -272,6 +272,7 @@ def test_node_exporter_serves_the_textfile(tmp_path: Path) -> None:
     metrics = Metrics(textfiles, "1", "9.9.9")
     Life([metrics], "t1", task()).scan(open_ports=4)
     Life([metrics], "t2", None).refuse("ip: not an IP address")
+    metrics.tick()  # the loop's next turn writes what the transitions changed
     with running(NodeExporter.start(textfiles, tmp_path / "node_exporter.log")) as exporter:
         text = exporter.metrics()
     assert 'falcoria_worker_tasks_total{outcome="completed"} 1' in text
@@ -279,3 +280,24 @@ def test_node_exporter_serves_the_textfile(tmp_path: Path) -> None:
     assert "falcoria_worker_open_ports_total 4" in text
     assert 'falcoria_worker_build_info{version="9.9.9"} 1' in text
     assert "node_textfile_scrape_error 0" in text
+
+
+def test_drain_waits_for_the_last_scan_and_resume_takes_scans_again(our_node: OurNode) -> None:
+    our_node.tasks.append(TaskView("t-long", task=task(), stage=Stage.PORTS_SCAN, started_at=time.time()))
+    said: list[str] = []
+    assert drain(our_node.settings, wait=True, timeout=1, say=said.append, poll=0.2) == 3
+    assert our_node.draining and f"{NODE}: draining: 1 scan left" in said
+    finishing = threading.Timer(2, our_node.tasks.clear)
+    finishing.start()
+    assert drain(our_node.settings, wait=True, timeout=120, say=said.append, poll=0.2) == 0
+    finishing.join()
+    assert said[-1] == f"{NODE}: drained, no scan left"
+    assert resume(our_node.settings, say=said.append) == 0 and not our_node.draining
+    assert said[-1] == f"{NODE}: add consumer nmap_scan_queue"
+
+
+def test_drain_of_an_instance_that_is_not_running(clean_broker: RabbitMQ) -> None:
+    said: list[str] = []
+    settings = settings_for(clean_broker)
+    assert drain(settings, say=said.append) == 1
+    assert said == [f"{NODE} did not drain: no reply"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -60,16 +61,9 @@ def inspect(broker: RabbitMQ, command: str, node: str, *args: str, timeout: floa
     return _replies(proc)
 
 
-def control(broker: RabbitMQ, command: str, node: str, *args: str, timeout: float = 5.0) -> dict[str, Any]:
-    proc = _run(
-        broker, ["control", command, *args, "--json", "-d", node, "--timeout", str(timeout)], timeout + 30
-    )
-    return _replies(proc)
-
-
 @contextlib.contextmanager
 def stock_worker(broker: RabbitMQ, node: str, log: Path) -> Iterator[str]:
-    """A stock Celery worker of the tiny app, stopped (TERM, then KILL) when the block ends."""
+    """A stock Celery worker of the tiny app, stopped (QUIT, then KILL) when the block ends."""
     argv = [
         *CELERY,
         "-A",
@@ -97,7 +91,7 @@ def stock_worker(broker: RabbitMQ, node: str, log: Path) -> Iterator[str]:
             raise RuntimeError(f"stock worker never answered ping: {log.read_text()[-2000:]}")
         yield node
     finally:
-        proc.terminate()
+        proc.send_signal(signal.SIGQUIT)  # a cold stop: a warm one would wait for the running task
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:

@@ -35,9 +35,11 @@ app.conf.update(
 )
 
 
-@app.task(name="project.nmap.scan")
+# Acked early, unlike Tasker's acks_late: the test broker's consumer_timeout (15 s) would otherwise close
+# the channel of a worker whose scan outlasts it.
+@app.task(name="project.nmap.scan", acks_late=False)
 def scan(data: dict) -> str:
-    # Long enough for `inspect active` to catch it running; the test revokes or waits.
+    # Long enough for `inspect active` to catch it running; the worker is stopped cold after the test.
     time.sleep(float(data.get("sleep", 0)))
     return "0 open ports; delivered"
 

@@ -215,6 +215,8 @@ def read_metrics(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
 
 def test_metrics_file_follows_the_tasks(tmp_path: Path) -> None:
     metrics = Metrics(tmp_path, "3", "1.2.3")
+    metrics.tick(time.monotonic() + 60)  # nothing changed, but the interval has passed: written
+    (tmp_path / "falcoria-worker@3.prom").unlink()
     old = os.umask(0o077)  # the unit's UMask
     try:
         Life([metrics], "t1", TASK).scan(open_ports=3, start=1000.0)
@@ -222,12 +224,13 @@ def test_metrics_file_follows_the_tasks(tmp_path: Path) -> None:
         running = Life([metrics], "t3", TASK)
         running.move("received", stage=Stage.INCOMING)
         running.move("admitted", stage=Stage.RECEIVED, started_at=time.time())
+        assert not (tmp_path / "falcoria-worker@3.prom").exists()  # transitions only mark a change
         metrics.set_draining(True)
         metrics.upload("accepted")
         metrics.spool_reports({"pending": 1, "delivered": 4})
         metrics.lease_recovered()
         metrics.raw_socket_capable(True)
-        metrics.write()
+        metrics.tick()
     finally:
         os.umask(old)
     path = tmp_path / "falcoria-worker@3.prom"
