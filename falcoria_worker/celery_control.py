@@ -80,7 +80,7 @@ class Snapshot:
     revoked: tuple[str, ...]  # oldest first
     queues: tuple[Queue, ...]  # what the instance consumes now (the scan queue only while not draining)
     broker: Mapping[str, Any]  # kombu's Connection.info(): no password in it
-    task_names: tuple[str, ...]
+    task_names: tuple[str, ...]  # the scan task's first
     prefetch_count: int = 1
     draining: bool = False
     scans_left: int = 0

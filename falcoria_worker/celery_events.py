@@ -8,7 +8,7 @@ WORKER_SEND_TASK_EVENTS (`celery worker -E`) or at run time by the `enable_event
 control commands, which Flower resends every few seconds.
 
 Events are ephemeral: while the broker is away they are dropped, not buffered (a stock worker's
-buffer has no bound), and the next heartbeat reconnects.
+buffer has no bound), and a send one heartbeat interval later reconnects.
 """
 
 from __future__ import annotations
@@ -127,6 +127,7 @@ class CeleryEvents:
         self._groups: set[str] = set() if task_events else {"worker"}
         self._lock = threading.Lock()
         self._dispatcher: EventDispatcher | None = None
+        self._retry_at = 0.0
         self._online = False
         self._last_heartbeat = 0.0
         self._active: set[str] = set()
@@ -227,14 +228,17 @@ class CeleryEvents:
 
     def _send(self, kind: str, **fields: Any) -> None:
         with self._lock:
+            if self._dispatcher is None and time.monotonic() < self._retry_at:
+                return  # the broker was away a moment ago: no scan thread waits on a connect for an event
             try:
                 if self._dispatcher is None:
                     self._dispatcher = self._open()
                 self._dispatcher.groups = set(self._groups)
                 self._dispatcher.send(kind, **fields)
             except Exception as exc:
-                # The broker is away: this event is lost, the next one reconnects.
+                # The broker is away: this event is lost; one heartbeat interval later a send reconnects.
                 log.debug("could not send %s: %s", kind, exc)
+                self._retry_at = time.monotonic() + HEARTBEAT_INTERVAL
                 self._drop()
 
     def _open(self) -> EventDispatcher:

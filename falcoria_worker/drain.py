@@ -8,14 +8,15 @@ the instance's stats until no scan is left, so an upgrade can follow.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
+from kombu.exceptions import OperationalError
 
-from falcoria_worker import broker
-from falcoria_worker.config import Settings
+from falcoria_worker.config import Settings, broker_url
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +31,20 @@ def node_name(settings: Settings) -> str:
 def _ask(settings: Settings, command: str, **arguments: Any) -> Any:
     """The instance's reply, or None when it does not answer (not running, or no broker)."""
     node = node_name(settings)
-    app = Celery("falcoria-worker", set_as_current=False)
-    with broker.connect(settings) as conn:
+    # Celery's control client publishes through its app's producer pool, so the app gets the broker.
+    app = Celery("falcoria-worker", set_as_current=False, broker=broker_url(settings))
+    app.conf.broker_connection_timeout = REPLY_TIMEOUT
+    if settings.rabbitmq_ssl:
+        app.conf.broker_use_ssl = ssl.create_default_context()
+    try:
         replies = app.control.broadcast(
-            command,
-            arguments=arguments,
-            destination=[node],
-            reply=True,
-            timeout=REPLY_TIMEOUT,
-            connection=conn,
+            command, arguments=arguments, destination=[node], reply=True, timeout=REPLY_TIMEOUT
         )
+    except OperationalError as exc:
+        log.warning("RabbitMQ unreachable: %s", exc)
+        return None
+    finally:
+        app.close()
     for reply in replies or []:
         if node in reply:
             return reply[node]

@@ -20,11 +20,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from kombu import Connection
+from celery import Celery
+from kombu import Connection, pools
 
 from falcoria_worker import broker as amqp_side
 from falcoria_worker import config
-from falcoria_worker.celery_control import ControlPanel, Snapshot
+from falcoria_worker.celery_control import ControlPanel, Snapshot, payload
 from falcoria_worker.celery_events import CeleryEvents
 from falcoria_worker.drain import drain, resume
 from falcoria_worker.metrics import Metrics
@@ -145,6 +146,15 @@ class OurNode:
         self.conn.release()
 
 
+@pytest.fixture(autouse=True)
+def fresh_connection_pools() -> Iterator[None]:
+    # Celery's control client takes connections from kombu's process-wide pools, keyed by URL: one kept
+    # from an earlier test was closed by clean_broker's vhost reset.
+    pools.reset()
+    yield
+    pools.reset()
+
+
 @pytest.fixture
 def our_node(clean_broker: RabbitMQ) -> Iterator[OurNode]:
     node = OurNode(clean_broker, task_events=False)
@@ -201,18 +211,18 @@ INSPECT = ("ping", "stats", "active", "reserved", "scheduled", "registered", "re
 def test_inspect_replies_have_every_key_of_a_stock_workers(
     clean_broker: RabbitMQ, our_node: OurNode, tmp_path: Path
 ) -> None:
-    from tests.support.stock_app import app
-
-    app.conf.broker_url = clean_broker.url()
+    app = Celery("tasker", broker=clean_broker.url(), set_as_current=False)
     scan_id = str(uuid.uuid4())
-    our_node.tasks.append(
-        TaskView(scan_id, task=task(), stage=Stage.PORTS_SCAN, started_at=time.time(), attempt=1)
-    )
+    view = TaskView(scan_id, task=task(), stage=Stage.PORTS_SCAN, started_at=time.time(), attempt=1)
+    our_node.tasks.append(view)
     with stock_worker(clean_broker, STOCK, tmp_path / "stock.log"):
         # A starting stock worker asks every node for its revoked ids: ours answered its hello.
         assert "mingle: sync with 1 nodes" in (tmp_path / "stock.log").read_text()
-        stock_scan = app.send_task("project.nmap.scan", args=[{"sleep": 300}])
+        stock_scan = app.send_task(
+            "project.nmap.scan", args=[payload(view)], exchange="nmap_exchange", routing_key="nmap.scan"
+        )
         replies = {}
+        app.close()
         for command in (*INSPECT, "query_task"):
             ids = [stock_scan.id, scan_id] if command == "query_task" else []
             got: dict = {}
@@ -230,6 +240,9 @@ def test_inspect_replies_have_every_key_of_a_stock_workers(
         if command in ("conf", "report"):
             assert type(theirs) is type(ours) and set(ours) >= ({"ok"} if command == "report" else set())
             continue
+        if command == "query_task":  # {task id: [state, request]}: the ids differ, the requests compare
+            (theirs,), (ours,) = theirs.values(), ours.values()
+            assert theirs[0] == ours[0] == "active"
         assert keys_missing(theirs, ours) == [], command
     assert set(replies["stats"][STOCK]["pool"]) <= set(replies["stats"][NODE]["pool"])
     assert set(replies["stats"][STOCK]["broker"]) <= set(replies["stats"][NODE]["broker"])
@@ -237,13 +250,11 @@ def test_inspect_replies_have_every_key_of_a_stock_workers(
     assert set(theirs_request) <= set(replies["active"][NODE][0])
     assert set(replies["query_task"][NODE]) == {scan_id}
     assert replies["conf"][NODE]["RABBITMQ_PASSWORD"] == "***"
-    assert clean_broker.password not in json.dumps(replies[command][NODE] for command in ("conf", "report"))
+    assert clean_broker.password not in json.dumps([replies[command][NODE] for command in ("conf", "report")])
 
 
 def test_control_commands(clean_broker: RabbitMQ, our_node: OurNode) -> None:
-    from tests.support.stock_app import app
-
-    app.conf.broker_url = clean_broker.url()
+    app = Celery("tasker", broker=clean_broker.url(), set_as_current=False)
 
     def ask(command: str, **arguments: object) -> object:
         (reply,) = app.control.broadcast(command, arguments=arguments, destination=[NODE], reply=True,
@@ -264,6 +275,7 @@ def test_control_commands(clean_broker: RabbitMQ, our_node: OurNode) -> None:
         assert "error" in ask(command), command
     assert ask("shutdown") == {"ok": "shutting down: running scans are stopped and handed back to the queue"}
     assert our_node.calls == ["shutdown"]
+    app.close()
 
 
 def test_node_exporter_serves_the_textfile(tmp_path: Path) -> None:

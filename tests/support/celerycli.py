@@ -111,8 +111,11 @@ def keys_missing(theirs: object, ours: object, path: str = "") -> list[str]:
             else:
                 missing += keys_missing(value, ours[key], where)
         return missing
-    if isinstance(theirs, list) and theirs and isinstance(theirs[0], dict):
-        if not isinstance(ours, list) or not ours:
+    if isinstance(theirs, list | tuple):
+        if not isinstance(ours, list | tuple) or len(ours) < len(theirs):
             return [f"{path}[]"]
-        return keys_missing(theirs[0], ours[0], f"{path}[]")
+        missing = []
+        for index, (their_item, our_item) in enumerate(zip(theirs, ours, strict=False)):
+            missing += keys_missing(their_item, our_item, f"{path}[{index}]")
+        return missing
     return []

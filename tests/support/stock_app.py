@@ -39,8 +39,8 @@ app.conf.update(
 # the channel of a worker whose scan outlasts it.
 @app.task(name="project.nmap.scan", acks_late=False)
 def scan(data: dict) -> str:
-    # Long enough for `inspect active` to catch it running; the worker is stopped cold after the test.
-    time.sleep(float(data.get("sleep", 0)))
+    # Takes the task's timeout, so `inspect active` catches it running; the test stops the worker cold.
+    time.sleep(float(data.get("timeout", 0)))
     return "0 open ports; delivered"
 
 

@@ -260,3 +260,16 @@ def test_metrics_write_failure_never_raises(tmp_path: Path) -> None:
     metrics.write()
     metrics.tick(time.monotonic() + 60)
     metrics.remove()
+
+
+def test_events_are_dropped_while_the_broker_is_away() -> None:
+    attempts: list[float] = []
+
+    def unreachable() -> Connection:
+        attempts.append(time.monotonic())
+        raise ConnectionRefusedError("no broker")
+
+    sender = CeleryEvents(unreachable, NODE, task_events=True)
+    sender.worker_ready()
+    Life([sender], "t1", TASK).scan(open_ports=1)
+    assert len(attempts) == 1  # one try, then nothing waits on a connect until the retry time
