@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check", parents=[common], help="verify config, nmap, raw sockets and the peers")
     sub.add_parser("config", parents=[common], help="print the effective settings (secrets masked)")
     sub.add_parser("register-ip", parents=[common], help="write this host's IP to Redis for Tasker")
+
+    drain = sub.add_parser(
+        "drain", parents=[common], help="stop the instance taking new scans; its running scans finish"
+    )
+    drain.add_argument("--wait", action="store_true", help="return once no scan is left")
+    drain.add_argument("--timeout", type=float, help="with --wait: give up after SECONDS (exit 3)")
+    drain.add_argument("--resume", action="store_true", help="take new scans again")
     return parser
 
 
@@ -101,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": _check,
         "config": lambda _a, _s: _config(loaded),
         "register-ip": _register_ip,
+        "drain": _drain,
     }[args.command]
     _setup_logging(settings, interactive=args.command != "run")
     for warning in loaded.warnings:
@@ -350,6 +358,14 @@ def _register_ip(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 # ---------------------------------------------------------------------------- run
+
+
+def _drain(args: argparse.Namespace, settings: Settings) -> int:
+    from falcoria_worker import drain
+
+    if args.resume:
+        return drain.resume(settings)
+    return drain.drain(settings, wait=args.wait, timeout=args.timeout)
 
 
 def _run(_args: argparse.Namespace, settings: Settings) -> int:

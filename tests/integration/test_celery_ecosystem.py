@@ -13,6 +13,8 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -313,3 +315,22 @@ def test_drain_of_an_instance_that_is_not_running(clean_broker: RabbitMQ) -> Non
     settings = settings_for(clean_broker)
     assert drain(settings, say=said.append) == 1
     assert said == [f"{NODE} did not drain: no reply"]
+
+
+def test_drain_command_line(our_node: OurNode, clean_broker: RabbitMQ) -> None:
+    env = dict(
+        os.environ,
+        HOSTNAME=HOST,
+        RABBITMQ_HOST=clean_broker.host,
+        RABBITMQ_PORT=str(clean_broker.port),
+        RABBITMQ_USER=clean_broker.user,
+        RABBITMQ_PASSWORD=clean_broker.password,
+        RABBITMQ_VHOST=clean_broker.vhost,
+    )
+    argv = [sys.executable, "-m", "falcoria_worker", "drain", "--instance", "1", "--wait", "--timeout", "60"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == f"{NODE}: drained, no scan left" and our_node.draining
+    resume = [*argv[:6], "--resume"]
+    done = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and not our_node.draining, done.stderr
