@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check", parents=[common], help="verify config, nmap, raw sockets and the peers")
     sub.add_parser("config", parents=[common], help="print the effective settings (secrets masked)")
     sub.add_parser("register-ip", parents=[common], help="write this host's IP to Redis for Tasker")
+
+    drain = sub.add_parser(
+        "drain", parents=[common], help="stop the instance taking new scans; its running scans finish"
+    )
+    drain.add_argument("--wait", action="store_true", help="return once no scan is left")
+    drain.add_argument("--timeout", type=float, help="with --wait: give up after SECONDS (exit 3)")
+    drain.add_argument("--resume", action="store_true", help="take new scans again")
     return parser
 
 
@@ -101,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": _check,
         "config": lambda _a, _s: _config(loaded),
         "register-ip": _register_ip,
+        "drain": _drain,
     }[args.command]
     _setup_logging(settings, interactive=args.command != "run")
     for warning in loaded.warnings:
@@ -352,10 +360,22 @@ def _register_ip(_args: argparse.Namespace, settings: Settings) -> int:
 # ---------------------------------------------------------------------------- run
 
 
+def _drain(args: argparse.Namespace, settings: Settings) -> int:
+    from falcoria_worker import drain
+
+    if args.resume:
+        return drain.resume(settings)
+    return drain.drain(settings, wait=args.wait, timeout=args.timeout)
+
+
 def _run(_args: argparse.Namespace, settings: Settings) -> int:
     import time
 
+    from falcoria_worker import broker
+    from falcoria_worker.celery_events import CeleryEvents
+    from falcoria_worker.identity import Identity
     from falcoria_worker.ledger import ScanLedger
+    from falcoria_worker.metrics import Metrics, textfile_dir
     from falcoria_worker.observers import ObserverHub, delivery_reporter
     from falcoria_worker.redis_store import RedisStore, redis_client
     from falcoria_worker.runloop import Worker
@@ -392,7 +412,36 @@ def _run(_args: argparse.Namespace, settings: Settings) -> int:
         )
     else:
         log.warning("BACKEND_BASE_URL is not set: results stay in %s/results", settings.state_dir)
-    worker = Worker(
-        settings, engine=engine, store=store, notifier=Notifier(), spool=spool, deliverer=deliverer, hub=hub
+    # Celery events and the metrics file observe the tasks and the instance, on the loop's clock too.
+    events = CeleryEvents(
+        lambda: broker.connect(settings),
+        Identity.of(settings).nodename,
+        task_events=settings.worker_send_task_events,
     )
-    return worker.run()
+    observers: list[CeleryEvents | Metrics] = [events]
+    directory = textfile_dir(settings.metrics_textfile_dir)
+    metrics = None
+    if directory is not None:
+        metrics = Metrics(
+            directory, settings.instance, __version__, spool_counts=spool.counts if spool else None
+        )
+        metrics.raw_socket_capable(raw is not caps.RawSockets.NONE)
+        observers.append(metrics)
+    for observer in observers:
+        hub.add(observer)
+        hub.add_worker(observer)
+        hub.add_ticking(observer)
+    worker = Worker(
+        settings,
+        engine=engine,
+        store=store,
+        notifier=Notifier(),
+        spool=spool,
+        deliverer=deliverer,
+        hub=hub,
+        events=events,
+    )
+    status = worker.run()
+    if metrics is not None:
+        metrics.remove()  # a clean stop: node_exporter stops exporting this instance
+    return status

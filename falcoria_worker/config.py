@@ -87,6 +87,9 @@ class Settings:
     require_task_metadata: bool
     # Logging.
     logger_level: str
+    # Observability: Celery task events and node_exporter's textfile collector.
+    worker_send_task_events: bool
+    metrics_textfile_dir: str  # "" = off, "auto" = Debian's node-exporter directory if it exists, or a path
     # Upstream names accepted so an existing upstream .env loads; unused on the wire (contract §6).
     celery_app_name: str
     queue: str
@@ -348,6 +351,13 @@ def _log_level(key: str, text: str) -> str:
     return level
 
 
+def _textfile_dir(key: str, text: str) -> str:
+    # Resolving "auto" needs the file system, so it happens in the metrics edge, not here.
+    if text in ("", "auto") or text.startswith("/"):
+        return _printable(key, text)
+    raise ConfigError(key, f"{_shown(text)} is not an absolute path", f"set {key} to auto or a directory")
+
+
 # --- the table: key -> (text default, check). Order = Settings field order (a unit test holds them equal).
 
 _KEYS: dict[str, tuple[str, Callable[[str, str], object]]] = {
@@ -399,6 +409,8 @@ _KEYS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "MAX_ATTEMPTS": ("3", _int_between(1, 1000)),
     "REQUIRE_TASK_METADATA": ("true", _bool),
     "LOGGER_LEVEL": ("INFO", _log_level),
+    "WORKER_SEND_TASK_EVENTS": ("false", _bool),
+    "METRICS_TEXTFILE_DIR": ("", _textfile_dir),
     "CELERY_APP_NAME": ("nmap_celery_consumer", _printable),
     "QUEUE": ("nmap_queue", _printable),
     "ROUTING_KEY": ("nmap.#", _printable),

@@ -2,7 +2,7 @@
 
 The main thread owns the AMQP connection (kombu channels are not thread-safe) and runs a short-timeout
 event loop: it consumes Tasker's scan queue, one private queue on each fanout broadcast exchange
-(cancel, IP refresh) and the Celery pidbox (ping, revoke). Scans run on a thread pool; nmap is a
+(cancel, IP refresh) and the Celery pidbox (control.py). Scans run on a thread pool; nmap is a
 subprocess, so threads are all the parallelism needed. The loop decides nothing about a task: the
 lifecycle does, and the loop carries out what it asks (ack, start, requeue).
 
@@ -30,6 +30,7 @@ from typing import Any
 import redis
 
 from falcoria_worker.admission import Admission
+from falcoria_worker.celery_events import CeleryEvents
 from falcoria_worker.config import Settings
 from falcoria_worker.connection import BrokerLink
 from falcoria_worker.control import Control
@@ -62,6 +63,7 @@ class Worker:
         spool: Spool | None,
         deliverer: Deliverer | None,
         hub: ObserverHub | None = None,
+        events: CeleryEvents,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -84,7 +86,19 @@ class Worker:
         self.scans = Scans(
             settings, engine=engine, store=store, health=self.health, spool=spool, deliverer=deliverer
         )
-        self.control = Control(settings, store, self.identity, self.running, janitor=self.recorder.janitor)
+        self.link = BrokerLink(settings, self.identity.nodename)
+        self.control = Control(
+            settings,
+            store,
+            self.identity,
+            self.running,
+            janitor=self.recorder.janitor,
+            hub=self.hub,
+            link=self.link,
+            events=events,
+            update_consumption=self._update_consumption,
+        )
+        self.hub.add(self.control)
         self.admission = Admission(
             settings,
             engine=engine,
@@ -105,7 +119,6 @@ class Worker:
             cancel=lambda ids, source: self.control.cancel_tasks(ids, source=source, now=time.monotonic()),
             register_ip=self.control.register_ip,
         )
-        self.link = BrokerLink(settings, self.identity.nodename)
         self.stop_requested = False
         self.ready_sent = False
         self._lock_fd: int | None = None
@@ -207,7 +220,7 @@ class Worker:
     def _tick(self) -> None:
         now = time.monotonic()
         self._collect_ended()
-        self._send_requeues()
+        self.requeues.send(self.link, caught_up=self.recorder.caught_up)
         self._update_consumption()  # cheap; catches a Redis outage a scan thread reported
         if not self.health.ok and now - self._last["redis_probe"] >= 1.0:
             self._last["redis_probe"] = now
@@ -231,6 +244,7 @@ class Worker:
             self.hub.worker_event("worker_ready")
         self.notifier.status(self._status_text())
         self._feed_watchdog()
+        self.hub.tick(now)
 
     def _redis_duties(self, now: float) -> None:
         self.recorder.flush()
@@ -258,6 +272,7 @@ class Worker:
             self.link.ok
             and self.health.ok
             and not self.stop_requested
+            and not self.control.draining
             and len(self.running) < self.settings.concurrency
         )
         changed = self.link.consume(want)
@@ -274,13 +289,6 @@ class Worker:
             changed = self.running.pop(task_id, None) is not None or changed
         if changed:
             self._update_consumption()
-
-    def _send_requeues(self) -> None:
-        # After the ends Redis missed are recorded: a requeued copy must not be overtaken by them.
-        if self.link.producer is None or not self.link.ok or not self.recorder.caught_up:
-            return
-        self.requeues.take_back()
-        self.requeues.publish(self.link.producer)
 
     # ------------------------------------------------------------------ messages
 
@@ -333,17 +341,7 @@ class Worker:
         self.scans.stop()
         self.recorder.close()
         self._collect_ended()
-        if self.requeues.pending:
-            try:
-                producer = self.link.connect_to_publish()
-                self.requeues.take_back()
-                self.requeues.publish(producer)
-            except Exception as exc:
-                # The leases stay: the next start of this instance (or another instance once they
-                # expire) requeues these tasks, so nothing is lost.
-                log.warning("could not requeue tasks now (%s); they are recovered from Redis later", exc)
-            finally:
-                self.link.drop()
+        self.requeues.publish_at_stop(self.link)
         if self.deliverer:
             self.deliverer.stop(timeout=5.0)
         log.info("stopped")

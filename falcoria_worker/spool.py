@@ -171,6 +171,13 @@ class Spool:
                 entries.append(entry)
         return sorted(entries, key=lambda e: (e.created, e.task_id))
 
+    def counts(self) -> dict[str, int]:
+        """Reports waiting for ScanLedger and reports it refused for good, by state."""
+        return {
+            "pending": sum(1 for c in self.pending_dir.iterdir() if not c.name.startswith(".")),
+            "failed": sum(1 for c in self.failed_dir.iterdir() if c.is_dir()),
+        }
+
     def _load(self, path: Path) -> SpoolEntry | None:
         try:
             meta = json.loads((path / META).read_bytes())
