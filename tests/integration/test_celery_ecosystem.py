@@ -93,7 +93,7 @@ def control(broker: RabbitMQ, command: str, **arguments: object) -> object:
 
 
 def test_flower_and_node_exporter_show_real_scans_by_state(
-    clean_broker: RabbitMQ, tasker, node, netns_lab, redis_server, tmp_path: Path
+    clean_broker: RabbitMQ, tasker, node, scanledger, netns_lab, redis_server, tmp_path: Path
 ) -> None:
     with running(Flower.start(clean_broker, tmp_path / "flower.log")) as flower:
         worker = node(CONCURRENCY="2")
@@ -103,7 +103,7 @@ def test_flower_and_node_exporter_show_real_scans_by_state(
             {"ok": "task events enabled"},
             {"ok": "task events already enabled"},
         )
-        ok = tasker.send_scan(**scan_fields(netns_lab.services, "21,22,80"))
+        ok = tasker.send_scan(**scan_fields(netns_lab.services, "21,22,80"), project=scanledger.project)
         refused = tasker.send_scan(**scan_fields(netns_lab.services, "80", open_ports_opts=HOSTILE))
         cancelled = tasker.send_scan(**slow_phase1(netns_lab.blackhole))
         wait_phase(redis_server, cancelled, "ports_scan", worker)
@@ -135,11 +135,13 @@ def test_flower_and_node_exporter_show_real_scans_by_state(
             shutil.copy(png, REPO / "docs" / "flower-tasks.png")
 
     textfile = tmp_path / "textfile" / "falcoria-worker@1.prom"
+    # The upload follows the scan's end; the loop's next turn writes the file.
+    wait_until(lambda: 'uploads_total{result="delivered"} 1.0' in textfile.read_text(), what="the upload")
     with running(NodeExporter.start(tmp_path / "textfile", tmp_path / "node_exporter.log")) as exporter:
         text = exporter.metrics()
     assert 'falcoria_worker_tasks_total{outcome="completed"} 1' in text
     assert 'falcoria_worker_tasks_total{outcome="cancelled"} 1' in text
-    assert 'falcoria_worker_rejected_tasks_total{reason="open_ports_opts"} 1' in text
+    assert 'falcoria_worker_rejected_tasks_total{reason="option"} 1' in text
     assert "falcoria_worker_open_ports_total 3" in text
     assert 'falcoria_worker_uploads_total{result="delivered"} 1' in text
     assert "falcoria_worker_raw_socket_capable 1" in text
