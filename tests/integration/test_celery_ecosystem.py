@@ -157,7 +157,7 @@ def test_inspect_replies_have_every_key_of_a_stock_workers(
     clean_broker: RabbitMQ, tasker, node, netns_lab, redis_server, tmp_path: Path
 ) -> None:
     worker = node()
-    scan_id = tasker.send_scan(**slow_phase1(netns_lab.blackhole))
+    scan_id = tasker.send_scan(**slow_phase1(netns_lab.blackhole), timeout=600)  # outlasts the inspects
     wait_phase(redis_server, scan_id, "ports_scan", worker)  # busy: the stock worker gets the next scan
     stock = f"stock@{HOST}"
     app = Celery("tasker", broker=clean_broker.url(), set_as_current=False)
@@ -166,7 +166,7 @@ def test_inspect_replies_have_every_key_of_a_stock_workers(
         assert "mingle: sync with 1 nodes" in (tmp_path / "stock.log").read_text()
         stock_scan = app.send_task(
             "project.nmap.scan",
-            args=[{"ip": "127.0.0.1", "timeout": 60}],
+            args=[{"ip": "127.0.0.1", "timeout": 600}],  # the stock app sleeps that long
             exchange="nmap_exchange",
             routing_key="nmap.scan",
         )
