@@ -22,6 +22,8 @@ from falcoria_worker.celery_events import CeleryEvents, end_event, received_fiel
 from falcoria_worker.lifecycle import Event, Outcome, Stage, TaskView, new_task, step, stored_task
 from falcoria_worker.metrics import Metrics, rejection_reason, textfile_dir
 from falcoria_worker.model import parse_task
+from falcoria_worker.observers import ObserverHub, StatusLine
+from falcoria_worker.systemd_notify import Notifier
 from tests.support.lifecycle_walk import Life
 
 SETTINGS = config.parse({"HOSTNAME": "scanner-1", "RABBITMQ_PASSWORD": "s3cret-pw", "CONCURRENCY": "2"})
@@ -274,3 +276,31 @@ def test_events_are_dropped_while_the_broker_is_away() -> None:
     sender.worker_ready()
     Life([sender], "t1", TASK).scan(open_ports=1)
     assert len(attempts) == 1  # one try, then nothing waits on a connect until the retry time
+
+
+def test_status_line_says_how_many_scans_are_left_while_draining() -> None:
+    line = StatusLine(Notifier())
+    hub = ObserverHub()
+    hub.add(line)
+    hub.add_worker(line)
+    assert line.text(broker_down=None, redis_ok=True, scans=0) == "idle"
+    hub.worker_event("draining_changed", True)
+    assert line.text(broker_down=None, redis_ok=True, scans=0) == "draining: 0 scans left"
+    Life([line], "t1", TASK).start(time.time())
+    text = line.text(broker_down=None, redis_ok=True, scans=1)
+    assert text == "draining: 1 scan left; scanning 127.0.0.1: open ports"
+    hub.worker_event("draining_changed", False)
+    assert line.text(broker_down=None, redis_ok=True, scans=1) == "scanning 127.0.0.1: open ports"
+
+
+def test_hub_ticks_its_observers_and_survives_one_that_fails(tmp_path: Path) -> None:
+    class Broken:
+        def tick(self, now: float) -> None:
+            raise RuntimeError("broken")
+
+    metrics = Metrics(tmp_path, "1", "1.0")
+    hub = ObserverHub()
+    hub.add_ticking(Broken())
+    hub.add_ticking(metrics)
+    hub.tick(time.monotonic() + 60)
+    assert (tmp_path / "falcoria-worker@1.prom").exists()
