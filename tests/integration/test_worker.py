@@ -239,13 +239,16 @@ def test_scan_longer_than_consumer_timeout_completes_once(
 def test_sigterm_hands_the_task_back_and_leaves_nothing_running(
     tasker, worker_factory, scanledger, netns_lab, redis_server
 ) -> None:
-    worker = worker_factory("1", ledger=scanledger).start()
+    # Both are up before the scan starts (an instance's start can outlast the slow phase on a busy
+    # machine); the one that runs it is stopped.
+    pair = [worker_factory(n, ledger=scanledger).start() for n in ("1", "2")]
     project = uuid.UUID(scanledger.project)
     task_id = tasker.send_scan(**slow_phase2(netns_lab.services), project=project, mode="append")
+    wait_until(lambda: status(redis_server, task_id).get("state") == "service_scan", what="service_scan")
+    worker, other = pair if status(redis_server, task_id)["worker"] == pair[0].nodename else pair[::-1]
     wait_phase(redis_server, task_id, "service_scan", worker)
-    # An idle instance is waiting: it receives the handed-back copy at once, so the lease must be released
+    # The other instance is idle: it receives the handed-back copy at once, so the lease must be released
     # before the copy is published, or that instance drops it as a duplicate and the task is lost.
-    other = worker_factory("2", ledger=scanledger).start()
     assert worker.stop(timeout=20) == 0
     assert "STOPPING=1" in worker.notify.lines()
     scanledger.wait_for(lambda f: len(f.uploads) == 1, timeout=120)
