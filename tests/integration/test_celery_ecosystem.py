@@ -69,17 +69,25 @@ def tasker(clean_broker, redis_server) -> Iterator[Tasker]:
 
 
 @pytest.fixture
-def node(worker_factory, scanledger, tmp_path: Path) -> Callable[..., WorkerProcess]:
-    """A real instance named NODE, writing its metrics to tmp_path/textfile."""
+def node(worker_factory, scanledger, redis_server, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """A real instance named NODE, writing its metrics to tmp_path/textfile. Every test's NODE is the same
+    node: Redis starts empty (no claim of an earlier test's instance) and the instance stops cleanly."""
+    redis_server.flush()
     textfiles = tmp_path / "textfile"
     textfiles.mkdir(exist_ok=True)
+    made: list[WorkerProcess] = []
 
     def make(**extra: str) -> WorkerProcess:
-        return worker_factory(
+        worker = worker_factory(
             ledger=scanledger, hostname=HOST, METRICS_TEXTFILE_DIR=str(textfiles), **extra
-        ).start()
+        )
+        made.append(worker)
+        return worker.start()
 
-    return make
+    yield make
+    for worker in made:
+        if worker.alive():
+            worker.stop()
 
 
 def control(broker: RabbitMQ, command: str, **arguments: object) -> object:
