@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from bench import cancel, idle, large, overhead, parse_bench, scaling, sweep, tracking
+from bench import cancel, idle, large, observers, overhead, parse_bench, scaling, sweep, tracking
 from bench.lab import Lab, load_average
 from bench.report import RESULTS, Options, Result, append, header
 
@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, Callable[[Lab, Options], Result]] = {
     "idle": idle.run,
     "tracking": tracking.run,
     "sweep": sweep.run,
+    "observers": lambda lab, o: observers.run(lab, o.quick),
 }
 ONLY_WHEN_NAMED = {"sweep"}
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kombu import Connection, Exchange, Producer, Queue
+from kombu.common import Broadcast
 from kombu.pidbox import Mailbox
 
 from falcoria_worker.config import Settings, broker_url
@@ -76,9 +77,14 @@ def scan_queue(settings: Settings) -> Queue:
 
 
 def broadcast_queue(exchange_name: str) -> Queue:
+    # kombu's Broadcast, as Tasker's Celery and a stock worker declare it (and as `inspect active_queues`
+    # shows it): a private auto-delete bcast.<uuid> queue on a durable fanout exchange.
     exchange = Exchange(exchange_name, type="fanout", durable=True, auto_delete=False)
-    return Queue(
-        f"bcast.{uuid.uuid4()}", exchange=exchange, routing_key=BROADCAST_ROUTING_KEY, auto_delete=True
+    return Broadcast(
+        exchange_name,
+        queue=f"bcast.{uuid.uuid4()}",
+        exchange=exchange,
+        routing_key=BROADCAST_ROUTING_KEY,
     )
 
 

@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="every instance on this host: state, scans, spool, last error")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--runtime-root", type=Path, default=None, help=argparse.SUPPRESS)
+
+    drain = sub.add_parser(
+        "drain", parents=[common], help="stop the instance taking new scans; its running scans finish"
+    )
+    drain.add_argument("--wait", action="store_true", help="return once no scan is left")
+    drain.add_argument("--timeout", type=float, help="with --wait: give up after SECONDS (exit 3)")
+    drain.add_argument("--resume", action="store_true", help="take new scans again")
     return parser
 
 
@@ -112,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": lambda _a, _s: _config(loaded),
         "register-ip": _register_ip,
         "spool": spoolctl.main,
+        "drain": _drain,
     }[args.command]
     _setup_logging(settings, interactive=args.command != "run")
     for warning in loaded.warnings:
@@ -383,15 +391,28 @@ def _status(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- run
 
 
+def _drain(args: argparse.Namespace, settings: Settings) -> int:
+    from falcoria_worker import drain
+
+    if args.resume:
+        return drain.resume(settings)
+    return drain.drain(settings, wait=args.wait, timeout=args.timeout)
+
+
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import time
 
+    from falcoria_worker import broker
+    from falcoria_worker.celery_events import CeleryEvents
+    from falcoria_worker.delivery import Deliverer
+    from falcoria_worker.identity import Identity
+    from falcoria_worker.metrics import Metrics, textfile_dir
     from falcoria_worker.observers import ObserverHub, delivery_reporter
     from falcoria_worker.redis_store import RedisStore, redis_client
     from falcoria_worker.reload import Reloader
     from falcoria_worker.runloop import Worker
-    from falcoria_worker.spool import Deliverer, Spool
+    from falcoria_worker.spool import Spool
     from falcoria_worker.status import StatusFile, status_path
     from falcoria_worker.systemd_notify import Notifier
 
@@ -436,6 +457,25 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         deliverer=deliverer,
     )
     signal.signal(signal.SIGHUP, reloader.request)
+    # Celery events and the metrics file observe the tasks and the instance, on the loop's clock too.
+    events = CeleryEvents(
+        lambda: broker.connect(settings),
+        Identity.of(settings).nodename,
+        task_events=settings.worker_send_task_events,
+    )
+    observers: list[CeleryEvents | Metrics] = [events]
+    directory = textfile_dir(settings.metrics_textfile_dir)
+    metrics = None
+    if directory is not None:
+        metrics = Metrics(
+            directory, settings.instance, __version__, spool_counts=spool.counts if spool else None
+        )
+        metrics.raw_socket_capable(raw is not caps.RawSockets.NONE)
+        observers.append(metrics)
+    for observer in observers:
+        hub.add(observer)
+        hub.add_worker(observer)
+        hub.add_ticking(observer)
     worker = Worker(
         settings,
         engine=engine,
@@ -445,5 +485,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         deliverer=deliverer,
         reloader=reloader,
         hub=hub,
+        events=events,
     )
-    return worker.run()
+    status = worker.run()
+    if metrics is not None:
+        metrics.remove()  # a clean stop: node_exporter stops exporting this instance
+    return status

@@ -84,6 +84,9 @@ class Settings:
     require_task_metadata: bool
     # Logging.
     logger_level: str
+    # Observability: Celery task events and node_exporter's textfile collector.
+    worker_send_task_events: bool
+    metrics_textfile_dir: str  # "" = off, "auto" = Debian's node-exporter directory if it exists, or a path
     # Upstream names accepted so an existing upstream .env loads; unused on the wire (contract §6).
     celery_app_name: str
     queue: str
@@ -149,6 +152,8 @@ _KEYS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "MAX_ATTEMPTS": ("3", v.parse_int_between(1, 1000)),
     "REQUIRE_TASK_METADATA": ("true", v.parse_bool),
     "LOGGER_LEVEL": ("INFO", v.parse_log_level),
+    "WORKER_SEND_TASK_EVENTS": ("false", v.parse_bool),
+    "METRICS_TEXTFILE_DIR": ("", v.parse_textfile_dir),
     "CELERY_APP_NAME": ("nmap_celery_consumer", v.parse_printable),
     "QUEUE": ("nmap_queue", v.parse_printable),
     "ROUTING_KEY": ("nmap.#", v.parse_printable),

@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 from amqp import Message
-from kombu import Connection, Consumer, Producer
+from kombu import Connection, Consumer, Producer, Queue
 from kombu.exceptions import OperationalError
 
 from falcoria_worker import broker
@@ -82,6 +82,7 @@ class BrokerLink:
         self.conn: Connection | None = None
         self.producer: Producer | None = None
         self.scan_consumer: Consumer | None = None
+        self.broadcasts: list[Queue] = []  # as declared, for `inspect active_queues`
         self.consuming = False
         self.blocked = False  # the broker told this connection it stopped reading (connection.blocked)
 
@@ -99,9 +100,9 @@ class BrokerLink:
         )
         self.scan_consumer.declare()
         # Tasker never declares the fanout exchanges; its first broadcast fails unless a worker has.
-        for name in (s.nmap_cancel_queue_name, s.worker_service_broadcast_queue):
-            bcast = broker.broadcast_queue(name)
-            Consumer(channel, queues=[bcast], on_message=on_broadcast, no_ack=True).consume()
+        names = (s.nmap_cancel_queue_name, s.worker_service_broadcast_queue)
+        self.broadcasts = [broker.broadcast_queue(name) for name in names]
+        Consumer(channel, queues=self.broadcasts, on_message=on_broadcast, no_ack=True).consume()
         broker.listen_control(self.conn, channel, self.nodename, control)
         self.producer = Producer(channel)
         self.ok = True

@@ -1,23 +1,30 @@
-"""What other parties tell every instance: the cancel and IP-refresh broadcasts, and Celery's pidbox
-(ping, revoke, active). All of it runs on the loop thread, which owns the revoked-id memory."""
+"""What other parties tell every instance: the cancel and IP-refresh broadcasts, and Celery's remote
+control (celery_control.ControlPanel's commands, carried out here). All of it runs on the loop thread,
+which owns the revoked-id memory, the task records and the drain flag."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
 import redis
 
-from falcoria_worker import protocol
+from falcoria_worker import broker, protocol
+from falcoria_worker.celery_control import ControlPanel, Snapshot
+from falcoria_worker.celery_events import CeleryEvents
 from falcoria_worker.config import Settings
+from falcoria_worker.connection import BrokerLink
 from falcoria_worker.errors import Rejected
 from falcoria_worker.identity import Identity
-from falcoria_worker.lifecycle import Event
+from falcoria_worker.lifecycle import Event, Stage, Transition
 from falcoria_worker.logs import task_context
-from falcoria_worker.model import parse_cancel, valid_task_id
+from falcoria_worker.model import parse_cancel
+from falcoria_worker.observers import ObserverHub
 from falcoria_worker.protocol import SCAN_TASK
 from falcoria_worker.redis_store import RedisStore
 from falcoria_worker.scanning import logged
@@ -32,6 +39,9 @@ REVOKED_MEMORY = 10_000  # revoked ids kept in memory (Celery keeps 50,000; Redi
 
 
 class Control:
+    """Also the `WorkerActions` of the control panel, and an observer counting the tasks received (the
+    `total` of `inspect stats`)."""
+
     def __init__(
         self,
         settings: Settings,
@@ -40,16 +50,31 @@ class Control:
         running: dict[str, TaskRecord],
         *,
         janitor: Executor,
+        hub: ObserverHub,
+        link: BrokerLink,
+        events: CeleryEvents,
+        update_consumption: Callable[[], None],
     ) -> None:
         self.settings = settings
         self.store = store
         self.identity = identity
         self.running = running  # the loop's: read here on the loop thread only
         self.janitor = janitor
+        self.hub = hub
+        self.link = link
+        self.update_consumption = update_consumption
         self.revoked: dict[str, float] = {}
+        self.draining = False
+        self.received = 0
+        self.started_at = time.time()
+        self.panel = ControlPanel(self.snapshot, self, events)
 
     def handlers(self) -> dict[str, Callable[..., Any]]:
-        return {"ping": self._ping, "revoke": self._revoke, "active": self._active}
+        return self.panel.handlers()
+
+    def observe(self, transition: Transition) -> None:
+        if transition.event is Event.RECEIVED and transition.before is Stage.NEW:
+            self.received += 1  # on the loop thread, where admission runs
 
     def on_broadcast(self, message: Any) -> None:
         try:
@@ -106,25 +131,47 @@ class Control:
             for old in sorted(self.revoked, key=self.revoked.__getitem__)[: REVOKED_MEMORY // 10]:
                 del self.revoked[old]
 
-    def _ping(self, _state: object, **_kwargs: Any) -> dict[str, str]:
-        return {"ok": "pong"}
+    # ------------------------------------------------------------------ remote control
 
-    def _revoke(self, _state: object, task_id: str | list[str] | None = None, **_kwargs: Any) -> dict:
-        ids = [task_id] if isinstance(task_id, str) else [t for t in (task_id or []) if isinstance(t, str)]
-        ids = [t for t in ids if valid_task_id(t)]
-        self.cancel_tasks(ids, source="revoke", now=time.monotonic())
-        return {"ok": f"tasks {', '.join(ids)} flagged as revoked"}
+    def snapshot(self) -> Snapshot:
+        conn = self.link.conn
+        scan = [] if self.draining else [broker.scan_queue(self.settings)]
+        return Snapshot(
+            hostname=self.identity.nodename,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            settings=self.settings,
+            tasks=tuple(record.view for record in self.running.values()),
+            totals={SCAN_TASK: self.received} if self.received else {},
+            revoked=tuple(sorted(self.revoked, key=self.revoked.__getitem__)),
+            queues=(*scan, *self.link.broadcasts),
+            broker=conn.info() if conn is not None else {},
+            task_names=(SCAN_TASK, CANCEL_TASK, UPDATE_IP_TASK),
+            draining=self.draining,
+            scans_left=len(self.running),
+        )
 
-    def _active(self, _state: object, **_kwargs: Any) -> list[dict[str, Any]]:
-        views = [r.view for r in self.running.values()]
-        return [
-            {
-                "id": v.task_id,
-                "name": SCAN_TASK,
-                "hostname": self.identity.nodename,
-                "target": v.task.ip if v.task else None,
-                "phase": v.phase.value if v.phase else "received",
-                "percent": v.percent,
-            }
-            for v in views
-        ]
+    def revoke(self, task_ids: Sequence[str], *, terminate: bool) -> list[str]:
+        # Tasker stops a project with revoke(terminate=False) and expects its running scans to stop:
+        # here a revoke always stops nmap, with or without terminate.
+        running = [task_id for task_id in task_ids if task_id in self.running]
+        self.cancel_tasks(task_ids, source="terminate" if terminate else "revoke", now=time.monotonic())
+        return running
+
+    def shutdown(self) -> None:
+        # The loop's own graceful stop: running scans are stopped and handed back to the queue.
+        log.info("shutdown by remote control")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def drain(self) -> None:
+        self._set_draining(True)
+
+    def resume(self) -> None:
+        self._set_draining(False)
+
+    def _set_draining(self, draining: bool) -> None:
+        if draining != self.draining:
+            self.draining = draining
+            log.info("draining: taking no new scans" if draining else "resumed: taking new scans")
+            self.hub.worker_event("draining_changed", draining)
+        self.update_consumption()

@@ -14,6 +14,7 @@ import redis
 
 from falcoria_worker import broker
 from falcoria_worker.config import Settings
+from falcoria_worker.connection import BrokerLink
 from falcoria_worker.errors import ConfigError, describe
 from falcoria_worker.identity import Identity
 from falcoria_worker.lifecycle import Action, Do, Event, Transition, new_task, step
@@ -76,6 +77,29 @@ class Requeues:
             self._publish.pop()
             with task_context(task_id=task_id):
                 log.warning("re-queued the task")
+
+    def send(self, link: BrokerLink, *, caught_up: bool) -> None:
+        """On the loop's connection, once the ends Redis missed are recorded (`caught_up`): a requeued
+        copy must not be overtaken by them."""
+        if link.producer is None or not link.publishable or not caught_up:
+            return
+        self.take_back()
+        self.publish(link.producer)
+
+    def publish_at_stop(self, link: BrokerLink) -> None:
+        """The last requeues of a stop, on a connection of their own when the loop's is gone."""
+        if not self.pending:
+            return
+        try:
+            producer = link.connect_to_publish()
+            self.take_back()
+            self.publish(producer)
+        except Exception as exc:
+            # The leases stay: the next start of this instance (or another instance once they
+            # expire) requeues these tasks, so nothing is lost.
+            log.warning("could not requeue tasks now (%s); they are recovered from Redis later", exc)
+        finally:
+            link.drop()
 
 
 class Leases:

@@ -7,7 +7,16 @@ import logging
 import threading
 from collections.abc import Callable
 
-from falcoria_worker.lifecycle import Event, Observer, TaskView, Transition, WorkerObserver, step, stored_task
+from falcoria_worker.lifecycle import (
+    Event,
+    Observer,
+    TaskView,
+    Ticking,
+    Transition,
+    WorkerObserver,
+    step,
+    stored_task,
+)
 from falcoria_worker.logs import set_phase
 from falcoria_worker.model import Phase
 from falcoria_worker.spool import SpoolEntry
@@ -22,12 +31,25 @@ class ObserverHub:
     def __init__(self) -> None:
         self.observers: list[Observer] = []
         self.worker_observers: list[WorkerObserver] = []
+        self.ticking: list[Ticking] = []
 
     def add(self, observer: Observer) -> None:
         self.observers.append(observer)
 
     def add_worker(self, observer: WorkerObserver) -> None:
         self.worker_observers.append(observer)
+
+    def add_ticking(self, observer: Ticking) -> None:
+        self.ticking.append(observer)
+
+    def tick(self, now: float) -> None:
+        """Every turn of the loop, on its thread: what an observer does on its own clock (heartbeats,
+        the metrics file)."""
+        for observer in self.ticking:
+            try:
+                observer.tick(now)
+            except Exception:
+                log.exception("observer %s failed on its tick", type(observer).__name__)
 
     def publish(self, transition: Transition) -> None:
         for observer in self.observers:
@@ -63,6 +85,7 @@ class StatusLine:
         self.note = note  # what STATUS keeps saying until it no longer holds (a refused reload)
         self._views: dict[str, TaskView] = {}
         self._lock = threading.Lock()
+        self.draining = False
 
     def observe(self, transition: Transition) -> None:
         view = transition.view
@@ -81,6 +104,9 @@ class StatusLine:
     def consuming_changed(self, consuming: bool) -> None:
         pass
 
+    def draining_changed(self, draining: bool) -> None:
+        self.draining = draining
+
     def worker_stopping(self) -> None:
         self.notifier.stopping()
         self.notifier.status("stopping")
@@ -98,8 +124,9 @@ class StatusLine:
             return f"waiting for Redis; not taking new scans{busy}"
         with self._lock:
             views = list(self._views.values())
+        draining = f"draining: {scans} scan{'' if scans == 1 else 's'} left" if self.draining else ""
         if not views:
-            return "idle"
+            return draining or "idle"
         parts = []
         for v in views:
             pct = f" {v.percent:.0f}%" if v.percent is not None else ""
@@ -110,7 +137,7 @@ class StatusLine:
                 parts.append(f"{v.detail}{pct}")
             else:
                 parts.append(f"{ip}: {v.detail}")
-        return "; ".join(parts)
+        return "; ".join([draining, *parts] if draining else parts)
 
 
 def delivery_reporter(

@@ -17,11 +17,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from falcoria_worker.config import KNOWN_KEYS, SECRET_KEYS, Settings
+from falcoria_worker.delivery import Deliverer
 from falcoria_worker.errors import ConfigError
 from falcoria_worker.ledger import ScanLedger
 from falcoria_worker.pipeline import Engine
 from falcoria_worker.settings_io import LoadedSettings
-from falcoria_worker.spool import Deliverer
 
 log = logging.getLogger(__name__)
 

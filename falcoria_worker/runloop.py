@@ -30,9 +30,11 @@ from typing import Any
 import redis
 
 from falcoria_worker.admission import Admission
+from falcoria_worker.celery_events import CeleryEvents
 from falcoria_worker.config import Settings
 from falcoria_worker.connection import BrokerLink, Waker
 from falcoria_worker.control import Control
+from falcoria_worker.delivery import Deliverer
 from falcoria_worker.errors import describe
 from falcoria_worker.identity import Identity, lock_state_dir
 from falcoria_worker.leases import Leases, Requeues
@@ -43,7 +45,7 @@ from falcoria_worker.recorder import RedisHealth, RedisRecorder
 from falcoria_worker.redis_store import RedisStore
 from falcoria_worker.reload import Reloader
 from falcoria_worker.scanning import Scans
-from falcoria_worker.spool import Deliverer, Spool
+from falcoria_worker.spool import Spool
 from falcoria_worker.systemd_notify import Notifier
 from falcoria_worker.tasks import TaskRecord
 
@@ -65,6 +67,7 @@ class Worker:
         deliverer: Deliverer | None,
         reloader: Reloader,
         hub: ObserverHub | None = None,
+        events: CeleryEvents,
     ) -> None:
         self.settings = settings
         self.reloader = reloader
@@ -96,7 +99,19 @@ class Worker:
             deliverer=deliverer,
             ended=self.waker.wake,
         )
-        self.control = Control(settings, store, self.identity, self.running, janitor=self.recorder.janitor)
+        self.link = BrokerLink(settings, self.identity.nodename)
+        self.control = Control(
+            settings,
+            store,
+            self.identity,
+            self.running,
+            janitor=self.recorder.janitor,
+            hub=self.hub,
+            link=self.link,
+            events=events,
+            update_consumption=self._update_consumption,
+        )
+        self.hub.add(self.control)
         self.admission = Admission(
             settings,
             engine=engine,
@@ -117,7 +132,6 @@ class Worker:
             cancel=lambda ids, source: self.control.cancel_tasks(ids, source=source, now=time.monotonic()),
             register_ip=self.control.register_ip,
         )
-        self.link = BrokerLink(settings, self.identity.nodename)
         self.stop_requested = False
         self.ready_sent = False
         self._lock_fd: int | None = None
@@ -242,12 +256,13 @@ class Worker:
                 log.warning("Redis unavailable: %s; not taking new scans", describe(exc))
                 self.health.ok = False
                 self._update_consumption()
-        self._send_requeues()
+        self.requeues.send(self.link, caught_up=self.recorder.caught_up)
         if not self.ready_sent and self.link.ok and self.health.ok:
             self.ready_sent = True
             self.hub.worker_event("worker_ready")
         self.notifier.status(self._status_text())
         self.notifier.feed_watchdog(now)
+        self.hub.tick(now)
 
     def _redis_duties(self, now: float) -> None:
         self.recorder.flush()
@@ -266,6 +281,7 @@ class Worker:
             self.link.ok
             and self.health.ok
             and not self.stop_requested
+            and not self.control.draining
             and len(self.running) < self.settings.concurrency
         )
         changed = self.link.consume(want)
@@ -276,13 +292,6 @@ class Worker:
         ended = [self.running.pop(task_id, None) for task_id in self.scans.take_ended()]
         if any(record is not None for record in ended):
             self._update_consumption()
-
-    def _send_requeues(self) -> None:
-        # After the ends Redis missed are recorded: a requeued copy must not be overtaken by them.
-        if not self.link.publishable or not self.recorder.caught_up:
-            return
-        self.requeues.take_back()
-        self.requeues.publish(self.link.producer)
 
     # ------------------------------------------------------------------ messages
 
@@ -332,16 +341,7 @@ class Worker:
         self.scans.stop()
         self.recorder.close()
         self._collect_ended()
-        if self.requeues.pending:
-            try:
-                producer = self.link.connect_to_publish()
-                self.requeues.take_back()
-                self.requeues.publish(producer)
-            except Exception as exc:
-                # The leases stay: this instance's next start, or any once they expire, requeues them.
-                log.warning("could not requeue tasks now (%s); they are recovered from Redis later", exc)
-            finally:
-                self.link.drop()
+        self.requeues.publish_at_stop(self.link)
         if not self.requeues.pending and self.health.ok:  # else the claim guards the leases left
             self.leases.release_node()
         if self.deliverer:

@@ -18,6 +18,7 @@ import redis
 
 from falcoria_worker import runner
 from falcoria_worker.config import Settings
+from falcoria_worker.delivery import Deliverer
 from falcoria_worker.errors import Cancelled, Rejected, ScanFailed, ScanInterrupted, describe
 from falcoria_worker.lifecycle import Do, Event
 from falcoria_worker.logs import task_context
@@ -26,7 +27,7 @@ from falcoria_worker.pipeline import Engine, Plan
 from falcoria_worker.recorder import RedisHealth
 from falcoria_worker.redis_store import RedisStore
 from falcoria_worker.runner import NmapProcess
-from falcoria_worker.spool import Deliverer, Spool
+from falcoria_worker.spool import Spool
 from falcoria_worker.tasks import TaskRecord
 
 log = logging.getLogger(__name__)

@@ -275,3 +275,10 @@ def parse_log_level(key: str, text: str) -> str:
             key, f"{quoted(text)} is not a log level", f"set {key} to one of {', '.join(LOG_LEVELS)}"
         )
     return level
+
+
+def parse_textfile_dir(key: str, text: str) -> str:
+    # Resolving "auto" needs the file system, so it happens in the metrics edge, not here.
+    if text in ("", "auto") or text.startswith("/"):
+        return parse_printable(key, text)
+    raise ConfigError(key, f"{quoted(text)} is not an absolute path", f"set {key} to auto or a directory")

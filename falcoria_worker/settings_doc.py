@@ -207,6 +207,24 @@ SECTIONS: tuple[Section, ...] = (
         ),
     ),
     Section(
+        "Observability",
+        "",
+        (
+            (
+                "WORKER_SEND_TASK_EVENTS",
+                "Send Celery task events (task-received, -started, -succeeded, ...) for Flower and"
+                " `celery events`, like `celery worker -E`. Worker events (online, heartbeat, offline) are"
+                " always sent; Flower's `enable_events` switches task events on too.",
+            ),
+            (
+                "METRICS_TEXTFILE_DIR",
+                "Directory of node_exporter's textfile collector for `falcoria-worker@<N>.prom`. Empty = no"
+                " metrics file; auto = `/var/lib/prometheus/node-exporter` when it exists (Debian's"
+                " prometheus-node-exporter); or an absolute path.",
+            ),
+        ),
+    ),
+    Section(
         "Upstream compatibility",
         "Accepted so that an upstream worker .env loads unchanged; this worker does not use them (they are"
         " not part of the wire protocol).",

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from falcoria_worker.delivery import Deliverer
 from falcoria_worker.errors import DeliveryRejected, Retryable
 from falcoria_worker.ledger import LedgerUnavailable, ScanLedger
-from falcoria_worker.spool import Deliverer, Spool, SpoolEntry
+from falcoria_worker.spool import Spool, SpoolEntry
 from tests.fakes.scanledger import FakeScanLedger, sample_report
 
 pytestmark = pytest.mark.integration
