@@ -145,7 +145,7 @@ class Control:
             totals={SCAN_TASK: self.received} if self.received else {},
             revoked=tuple(sorted(self.revoked, key=self.revoked.__getitem__)),
             queues=(*scan, *self.link.broadcasts),
-            broker=conn.info() if conn is not None else {},
+            broker=_broker_info(conn.info()) if conn is not None else {},
             task_names=(SCAN_TASK, CANCEL_TASK, UPDATE_IP_TASK),
             draining=self.draining,
             scans_left=len(self.running),
@@ -175,3 +175,10 @@ class Control:
             log.info("draining: taking no new scans" if draining else "resumed: taking new scans")
             self.hub.worker_event("draining_changed", draining)
         self.update_consumption()
+
+
+def _broker_info(info: dict[str, Any]) -> dict[str, Any]:
+    """kombu's connection info, as `inspect stats` sends it: the transport options carry our
+    connection.blocked callbacks, which are nothing a JSON reply can hold."""
+    options = info.get("transport_options") or {}
+    return {**info, "transport_options": {k: v for k, v in options.items() if not callable(v)}}
