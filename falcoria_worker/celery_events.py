@@ -188,8 +188,10 @@ class CeleryEvents:
         return "task events already disabled"
 
     def close(self) -> None:
+        # A stop may come while the broker blocks publishers (a resource alarm): it then never answers
+        # connection.close, so the events connection is dropped without the handshake.
         with self._lock:
-            self._drop()
+            self._drop(handshake=False)
 
     # ------------------------------------------------------------------ tasks
 
@@ -254,11 +256,14 @@ class CeleryEvents:
             app=self.app,
         )
 
-    def _drop(self) -> None:
+    def _drop(self, *, handshake: bool = True) -> None:
         dispatcher, self._dispatcher = self._dispatcher, None
         if dispatcher is not None:
             try:
                 dispatcher.close()
-                dispatcher.connection.release()
+                if handshake:
+                    dispatcher.connection.release()
+                else:
+                    dispatcher.connection.collect()
             except Exception as exc:
                 log.debug("closing the events connection: %s", exc)

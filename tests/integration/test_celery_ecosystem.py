@@ -23,7 +23,14 @@ from kombu import Connection, pools
 from falcoria_worker import config
 from falcoria_worker.drain import drain
 from tests.support.celerycli import inspect, keys_missing, stock_worker
-from tests.support.drive import scan_fields, slow_phase1, slow_phase2, status, wait_phase, wait_until
+from tests.support.drive import (
+    held_phase2,
+    scan_fields,
+    slow_phase1,
+    status,
+    wait_phase,
+    wait_until,
+)
 from tests.support.monitoring import Flower, NodeExporter, running, screenshot
 from tests.support.services import RabbitMQ
 from tests.support.tasker import Tasker
@@ -249,15 +256,17 @@ def drain_cli(worker: WorkerProcess, *words: str) -> subprocess.CompletedProcess
 
 
 def test_drained_instance_finishes_its_scan_takes_no_new_one_and_resumes(
-    clean_broker: RabbitMQ, tasker, node, netns_lab, redis_server
+    clean_broker: RabbitMQ, tasker, node, netns_lab, held_service, redis_server
 ) -> None:
     worker = node()
-    first = tasker.send_scan(**slow_phase2(netns_lab.services))
+    # Phase 2 is held until the test releases it: the drain always finds the scan running.
+    first = tasker.send_scan(**held_phase2(held_service))
     wait_phase(redis_server, first, "service_scan", worker)
     done = drain_cli(worker)
     assert done.returncode == 0, done.stdout + done.stderr
     worker.notify.wait_for(lambda line: line.startswith("STATUS=draining: 1 scan left"))
     second = tasker.send_scan(**scan_fields(netns_lab.services, "80"))
+    held_service.release()
     done = drain_cli(worker, "--wait")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[-1] == f"{NODE}: drained, no scan left"
