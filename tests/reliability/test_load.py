@@ -13,7 +13,8 @@ import pytest
 from tests.reliability.kit import Figures, ProcessWatch, Run, leaked_keys, wait_clean, wait_served
 from tests.support.drive import scan_fields, wait_until
 
-pytestmark = pytest.mark.reliability
+# A hang guard, not a timing: 1,000 tasks and the secret scan of every key take minutes on a busy machine.
+pytestmark = [pytest.mark.reliability, pytest.mark.timeout(1200)]
 
 TASKS = 1000
 INSTANCES = 4
