@@ -263,6 +263,73 @@ def test_tasker_task_is_syn_scanned_and_uploaded_under_the_unit(
         tasker.close()
 
 
+def _wait_status(box: harness.Container, unit: str, wanted: str, timeout: float) -> set[str]:
+    """The StatusText values seen until one starts with `wanted` (or the timeout)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen.add(box.show(unit, "StatusText")["StatusText"])
+        if any(text.startswith(wanted) for text in seen):
+            break
+        time.sleep(0.2)
+    return seen
+
+
+def _wait_uploads(ledger: FakeScanLedger, count: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while len(ledger.uploads) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_drained_instance_finishes_its_scan_takes_no_new_one_and_resumes(
+    configured: harness.Container, ledger: FakeScanLedger, bridge_services: tuple[RedisServer, RabbitMQ]
+) -> None:
+    """`falcoria-worker drain` as root in the machine: the instance's running scan finishes and is
+    uploaded, a task sent meanwhile waits in the queue, and `drain --resume` lets the instance take it."""
+    box = configured
+    redis_server, broker = bridge_services
+    unit, other = INSTANCES
+    target, ports = next(iter(box.lab.targets.items()))
+    uploads = len(ledger.uploads)
+    box.systemctl("stop", other, check=True)  # the drained instance is the only consumer
+    tasker = Tasker(broker, redis_server.client())
+    try:
+        # Closed ports probed slowly: the scan is still running when the drain arrives.
+        slow = tasker.send_scan(
+            ip=target,
+            open_ports_opts="-sS -n -Pn --max-retries 0 --scan-delay 500ms -p 1-40",
+            service_opts="-sV --version-intensity 0 -Pn",
+            open_ports_str="1-40",
+        )
+        seen = _wait_status(box, unit, f"scanning {target}", timeout=60)
+        assert any(text.startswith(f"scanning {target}") for text in seen), seen
+        drained = box.run("falcoria-worker", "drain", "--instance", "1", check=False)
+        assert drained.returncode == 0, drained.stdout + drained.stderr
+        seen = _wait_status(box, unit, "draining: 1 scan left", timeout=30)
+        assert "draining: 1 scan left" in seen, seen
+        waiting = tasker.send_scan(
+            ip=target,
+            open_ports_opts=f"-sS -n -Pn --max-retries 1 -p {','.join(map(str, sorted(ports)))}",
+            open_ports_str=" ".join(map(str, sorted(ports))),
+        )
+        done = box.run("falcoria-worker", "drain", "--instance", "1", "--wait", timeout=180, check=False)
+        assert done.returncode == 0 and "drained, no scan left" in done.stdout, done.stdout + done.stderr
+        _wait_uploads(ledger, uploads + 1)
+        with redis_server.client() as redis:
+            assert redis.hget(f"task:{slow}:status", "state") == "completed"
+            assert redis.hget(f"task:{waiting}:status", "state") in (None, "queued")
+        assert len(ledger.uploads) == uploads + 1
+        resumed = box.run("falcoria-worker", "drain", "--instance", "1", "--resume", check=False)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        _wait_uploads(ledger, uploads + 2)
+        assert len(ledger.uploads) == uploads + 2
+        with redis_server.client() as redis:
+            assert redis.hget(f"task:{waiting}:status", "state") == "completed"
+    finally:
+        tasker.close()
+        box.systemctl("start", other)
+
+
 def test_target_restart_restarts_every_instance(configured: harness.Container) -> None:
     before = _invocations(configured)
     assert configured.systemctl("restart", "falcoria-worker.target", timeout=120).returncode == 0
@@ -272,15 +339,15 @@ def test_target_restart_restarts_every_instance(configured: harness.Container) -
         assert after[unit] != before[unit], f"{unit} was not restarted"
 
 
-def test_rebuild_from_a_deep_checkout_is_lintian_clean_with_plain_entry_points(upgraded_deb: Path) -> None:
+def test_rebuild_from_a_deep_checkout_is_lintian_clean_with_plain_entry_points(deep_rebuild: Path) -> None:
     """The upgrade's rebuild comes from a checkout path over 120 characters (conftest.deep_checkout): the
     venv's console scripts still start with a plain #! line to the venv's interpreter (pip's /bin/sh
     wrappers for over-long interpreter paths fail lintian), and lintian reports no error or warning."""
-    assert len(str(upgraded_deb.parents[2])) > DEEP, upgraded_deb
-    log = BUILD_LOGS[upgraded_deb]
+    assert len(str(deep_rebuild.parents[2])) > DEEP, deep_rebuild
+    log = BUILD_LOGS[deep_rebuild]
     assert "lintian clean" in log, log[-4000:]
     assert not re.search(r"^[EW]: |mismatched-override", log, re.M), log[-4000:]
-    tree = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(upgraded_deb)], capture_output=True, check=True)
+    tree = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deep_rebuild)], capture_output=True, check=True)
     bin_dir = f".{VENV}/bin/"
     first_lines = {}
     with tarfile.open(fileobj=io.BytesIO(tree.stdout)) as archive:
@@ -390,6 +457,10 @@ def test_watchdog_restarts_a_hung_worker(configured: harness.Container) -> None:
     # the Celery imports take seconds there), so only the SIGSTOP makes it fire.
     box.write(dropin, "[Service]\nWatchdogSec=15s\nTimeoutAbortSec=2s\n")
     box.systemctl("daemon-reload", check=True)
+    # The scenario has started this instance several times within StartLimitIntervalSec by now (enable,
+    # target restart, upgrade, reinstall); trixie's systemd keeps that count across daemon-reload, so
+    # the watchdog's restart would hit StartLimitBurst and leave the unit failed. reset-failed zeroes it.
+    box.systemctl("reset-failed", unit, check=True)
     try:
         box.systemctl("restart", unit, check=True)
         other = box.show(INSTANCES[0], "InvocationID", "MainPID")
@@ -404,7 +475,10 @@ def test_watchdog_restarts_a_hung_worker(configured: harness.Container) -> None:
                 break
             time.sleep(0.25)
         report(box.suite)[0]["watchdog (15 s) kill + restart until READY"] = time.monotonic() - started
-        assert props["SubState"] == "running" and props["MainPID"] != before["MainPID"], props
+        assert props["SubState"] == "running" and props["MainPID"] != before["MainPID"], (
+            props,
+            box.journal("-u", unit, "-n", "40", "-o", "short-monotonic"),
+        )
         assert "Watchdog timeout" in box.journal("-u", unit, "-o", "cat")
         # the other instance kept working throughout
         assert box.show(INSTANCES[0], "InvocationID", "MainPID") == other
@@ -412,9 +486,7 @@ def test_watchdog_restarts_a_hung_worker(configured: harness.Container) -> None:
     finally:
         box.run("rm", "-rf", str(Path(dropin).parent))
         box.systemctl("daemon-reload")
-        # By now the scenario has started this instance five times within StartLimitIntervalSec (enable,
-        # target restart, upgrade, the restart above, the watchdog's): a sixth start would hit the limit
-        # on trixie, whose systemd keeps the count across daemon-reload (bookworm's 252 dropped it).
+        # The restarts above count towards the start limit too.
         box.systemctl("reset-failed", unit)
         box.systemctl("restart", unit)
 

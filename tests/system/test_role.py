@@ -8,6 +8,7 @@ One scenario in order: each test starts from the state the previous one left.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import re
@@ -20,10 +21,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.drive import status
 from tests.support.services import RabbitMQ, RedisServer, service_pair
+from tests.support.tasker import Tasker
 from tests.system import fleet as fleet_mod
 from tests.system import harness
-from tests.system.conftest import FACTS, TIMINGS, deb_for
+from tests.system.conftest import FACTS, TIMINGS, deb_for, repacked
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
@@ -266,18 +269,15 @@ def test_a_canary_with_wrong_broker_settings_stops_the_rollout(
     assert fleet.machines[SECOND].run("cat", "/etc/falcoria-worker/worker.conf").stdout == second_conf
 
 
-@pytest.fixture
-def apt_repository(fleet: fleet_mod.Fleet, falcoria_deb: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """scripts/make-repo's signed repository (a generated test key) with each release's .deb, served over
+@contextlib.contextmanager
+def served_repository(fleet: fleet_mod.Fleet, debs: list[str], out: Path) -> Iterator[tuple[str, str]]:
+    """scripts/make-repo's signed repository (a generated test key) of `debs` (SUITE=FILE), served over
     http on the fleet's bridge address; yields (URL, the armored public key)."""
-    debs = [f"{suite}={deb_for(suite)}" for suite in sorted(set(fleet_mod.RELEASES.values()))]
+    argv = [str(harness.REPO / "scripts/make-repo"), "--out", str(out)]
+    for deb in debs:
+        argv += ["--deb", deb]
     made = subprocess.run(
-        [
-            str(harness.REPO / "scripts/make-repo"),
-            "--out",
-            str(tmp_path / "repo"),
-            *(arg for deb in debs for arg in ("--deb", deb)),
-        ],
+        argv,
         capture_output=True,
         text=True,
         timeout=300,
@@ -294,6 +294,14 @@ def apt_repository(fleet: fleet_mod.Fleet, falcoria_deb: Path, tmp_path: Path) -
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def apt_repository(fleet: fleet_mod.Fleet, falcoria_deb: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """The fleet's repository with each release's .deb."""
+    debs = [f"{suite}={deb_for(suite)}" for suite in sorted(set(fleet_mod.RELEASES.values()))]
+    with served_repository(fleet, debs, tmp_path / "repo") as served:
+        yield served
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -334,3 +342,73 @@ def test_install_from_the_signed_repository(
     assert {name: row["changed"] for name, row in again.recap.items()} == {CANARY: 0, SECOND: 0}, (
         f"changed: {again.changed_tasks}"
     )
+
+
+def test_an_upgrade_drains_the_instances_and_lets_their_scans_finish(
+    fleet: fleet_mod.Fleet,
+    playbook: fleet_mod.Playbook,
+    config: dict[str, object],
+    services: tuple[RedisServer, RabbitMQ],
+    tmp_path: Path,
+) -> None:
+    """A new version in the repository: before apt upgrades a host, its instances stop taking scans and
+    the scan one of them runs finishes on the old version (it is not handed back); then the instances
+    restart on the new version."""
+    redis_server, broker = services
+    machine = fleet.machines[CANARY]
+    suffix = "rollout1"
+    debs, versions = [], {}
+    for suite in sorted(set(fleet_mod.RELEASES.values())):
+        deb = repacked(deb_for(suite), suffix)
+        debs.append(f"{suite}={deb}")
+        versions[suite] = subprocess.run(
+            ["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    # Only the canary takes the scan: the other host's instance is drained by hand first.
+    other = fleet.machines[SECOND].run("falcoria-worker", "drain", "--instance", "1", check=False)
+    assert other.returncode == 0, other.stdout + other.stderr
+    host_vars = {
+        name: {**HOST_VARS.get(name, {}), "falcoria_worker_package_version": versions[suite]}
+        for name, suite in fleet_mod.RELEASES.items()
+    }
+    tasker = Tasker(broker, redis_server.client())
+    with served_repository(fleet, debs, tmp_path / "repo") as (url, key):
+        try:
+            # Its own loopback, probed slowly: the scan outlasts the play's steps before the drain.
+            task_id = tasker.send_scan(
+                open_ports_opts="-sT -n -Pn --max-retries 0 --scan-delay 1500ms -p 1-40",
+                open_ports_str="1-40",
+                timeout=900,
+            )
+            assert task_id is not None
+            deadline = time.monotonic() + 120
+            while status(redis_server, task_id).get("state") != "ports_scan" and time.monotonic() < deadline:
+                time.sleep(0.5)
+            running = status(redis_server, task_id)
+            assert running.get("state") == "ports_scan" and CANARY in running.get("worker", ""), running
+            upgrade = {
+                **config,
+                "falcoria_worker_package_source": "apt",
+                "falcoria_worker_apt_repository_url": url,
+                "falcoria_worker_apt_repository_key": key,
+                "falcoria_worker_drain_timeout": 600,
+            }
+            result = playbook.run(upgrade, host_vars=host_vars)
+        finally:
+            tasker.close()
+    TIMINGS["role: upgrade with a scan to finish (2 hosts)"] = result.seconds
+    assert result.rc == 0, _explain(result)
+    assert "Drain the running instances and wait for their scans" in result.changed_tasks[CANARY], _explain(
+        result
+    )
+    final = status(redis_server, task_id)
+    assert final.get("state") == "completed", final
+    log = machine.run("journalctl", "-u", "falcoria-worker@1", "-o", "cat", "--no-pager").stdout
+    drained, finished = log.rfind("draining: taking no new scans"), log.rfind("scan finished")
+    started = log.rfind(f"falcoria-worker {versions[fleet_mod.RELEASES[CANARY]].replace('+deb13', '')}")
+    assert -1 < drained < finished < started, log[-3000:]
+    for name, suite in fleet_mod.RELEASES.items():
+        installed = fleet.machines[name].run("dpkg-query", "-W", "-f=${Version}", "falcoria-worker").stdout
+        assert installed == versions[suite], (name, installed)
+        props = fleet.machines[name].show("falcoria-worker@1.service", "ActiveState")
+        assert props["ActiveState"] == "active", (name, props)
