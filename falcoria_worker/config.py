@@ -195,7 +195,8 @@ LAYERS: tuple[tuple[str, str], ...] = (
     (
         "credentials",
         "the secrets in `$CREDENTIALS_DIRECTORY/<key in lower case>`, which the unit fills from"
-        " `/etc/falcoria-worker/credentials/` with `LoadCredential=`",
+        " `/etc/falcoria-worker/credentials/` with `LoadCredential=`; outside the unit, that directory"
+        " itself when the user may read it (root)",
     ),
     ("--set", "each `--set KEY=VALUE` on the command line"),
     ("--instance", "`--instance NAME`, which the unit passes as `%i`; it sets `INSTANCE` only"),

@@ -226,10 +226,15 @@ def _env_layer(environ: Mapping[str, str]) -> _Layer:
     return layer
 
 
-def _credential_layer(environ: Mapping[str, str]) -> _Layer:
+def _credential_layer(environ: Mapping[str, str], etc_dir: Path) -> _Layer:
     directory = environ.get("CREDENTIALS_DIRECTORY")
     if not directory:
-        return {}
+        # Outside the unit (an operator's `check` or `drain` as root) the directory the unit loads its
+        # credentials from, when this user may read it: the commands then see what the instances see.
+        source = etc_dir / "credentials"
+        if not os.access(source, os.R_OK | os.X_OK):
+            return {}
+        directory = str(source)
     layer = {}
     for key in sorted(config.SECRET_KEYS):
         for name in (key.lower(), _CREDENTIAL_PREFIX + key.lower()):
@@ -312,7 +317,7 @@ def load(
         "worker.conf": [base],
         "--config": extra,
         "environment": [_env_layer(environ)],
-        "credentials": [_credential_layer(environ)],
+        "credentials": [_credential_layer(environ, etc_dir)],
         "--set": [command_line],
         "--instance": [{"INSTANCE": _Entry(instance, "--instance")} if instance is not None else {}],
     }

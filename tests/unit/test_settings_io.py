@@ -305,6 +305,20 @@ def test_credentials_beat_files_and_environment_but_not_set(etc: Path, tmp_path:
     assert overridden.settings.worker_backend_token == "cli"
 
 
+def test_outside_the_unit_the_credentials_come_from_the_directory_the_unit_loads(
+    etc: Path, tmp_path: Path
+) -> None:
+    (etc / "credentials").mkdir(mode=0o700)
+    write(etc / "credentials" / "redis_pass", "root-only\n", 0o600)
+    loaded = load(environ={}, etc_dir=etc)
+    assert (loaded.settings.redis_pass, loaded.sources["REDIS_PASS"]) == ("root-only", "credential")
+    # Under the unit, systemd's copy alone.
+    (tmp_path / "copy").mkdir()
+    write(tmp_path / "copy" / "falcoria-worker_redis_pass", "copied\n", 0o400)
+    under_unit = load(environ={"CREDENTIALS_DIRECTORY": str(tmp_path / "copy")}, etc_dir=etc)
+    assert under_unit.settings.redis_pass == "copied"
+
+
 def test_tls_client_key_comes_from_a_credential_as_a_path(etc: Path, tmp_path: Path) -> None:
     creds = tmp_path / "creds"
     creds.mkdir()
