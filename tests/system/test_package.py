@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import subprocess
 import tarfile
@@ -297,6 +298,7 @@ def test_drained_instance_finishes_its_scan_takes_no_new_one_and_resumes(
         # Closed ports probed slowly: the scan is still running when the drain arrives.
         slow = tasker.send_scan(
             ip=target,
+            project=uuid.UUID(ledger.project),
             open_ports_opts="-sS -n -Pn --max-retries 0 --scan-delay 500ms -p 1-40",
             service_opts="-sV --version-intensity 0 -Pn",
             open_ports_str="1-40",
@@ -306,10 +308,12 @@ def test_drained_instance_finishes_its_scan_takes_no_new_one_and_resumes(
         drained = box.run("falcoria-worker", "drain", "--instance", "1", check=False)
         assert drained.returncode == 0, drained.stdout + drained.stderr
         seen = _wait_status(box, unit, "draining: 1 scan left", timeout=30)
-        assert "draining: 1 scan left" in seen, seen
+        assert any(text.startswith("draining: 1 scan left") for text in seen), seen
         waiting = tasker.send_scan(
             ip=target,
+            project=uuid.UUID(ledger.project),
             open_ports_opts=f"-sS -n -Pn --max-retries 1 -p {','.join(map(str, sorted(ports)))}",
+            service_opts="-sV --version-intensity 0 -Pn",
             open_ports_str=" ".join(map(str, sorted(ports))),
         )
         done = box.run("falcoria-worker", "drain", "--instance", "1", "--wait", timeout=180, check=False)
@@ -322,12 +326,70 @@ def test_drained_instance_finishes_its_scan_takes_no_new_one_and_resumes(
         resumed = box.run("falcoria-worker", "drain", "--instance", "1", "--resume", check=False)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         _wait_uploads(ledger, uploads + 2)
-        assert len(ledger.uploads) == uploads + 2
+        assert len(ledger.uploads) == uploads + 2, (
+            redis_server.client().hgetall(f"task:{waiting}:status"),
+            ledger.rejections,
+            box.journal("-u", unit, "-n", "30", "-o", "cat"),
+        )
         with redis_server.client() as redis:
             assert redis.hget(f"task:{waiting}:status", "state") == "completed"
     finally:
         tasker.close()
         box.systemctl("start", other)
+
+
+def test_status_for_a_member_of_the_group_without_root(configured: harness.Container) -> None:
+    """`falcoria-worker status --json` run by a user in the service's group sees every instance: systemd's
+    state and the instance's own status file in /run/falcoria-worker/N (0750 directory, 0640 file)."""
+    box = configured
+    if box.run("id", "fw-operator", check=False).returncode != 0:
+        box.run("useradd", "--no-create-home", "--groups", "falcoria-worker", "fw-operator")
+    shown = box.run("runuser", "-u", "fw-operator", "--", "falcoria-worker", "status", "--json", check=False)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    rows = {row["instance"]: row for row in json.loads(shown.stdout)}
+    assert set(rows) == {"1", "2"}, rows
+    for row in rows.values():
+        assert (row["active"], row["sub"], row["state"]) == ("active", "running", "ready"), row
+        assert row["spool"] == {"pending": 0, "failed": 0}, row
+    table = box.run("runuser", "-u", "fw-operator", "--", "falcoria-worker", "status").stdout
+    assert [line.split()[:3] for line in table.splitlines()[1:]] == [
+        ["1", "active/running", "ready"],
+        ["2", "active/running", "ready"],
+    ], table
+
+
+def _journal_until(box: harness.Container, invocation: str, text: str, timeout: float = 30) -> str:
+    """The journal of one invocation of a unit, once it holds `text` (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    log = ""
+    while text not in log and time.monotonic() < deadline:
+        log = box.journal(f"_SYSTEMD_INVOCATION_ID={invocation}", "-o", "cat")
+        time.sleep(0.2)
+    return log
+
+
+def test_reload_applies_a_setting_without_a_restart(configured: harness.Container) -> None:
+    """`systemctl reload falcoria-worker@1` (SIGHUP) re-reads worker@1.conf: the same process goes on, the
+    journal names the changed setting; a broken file is refused and the running settings stay."""
+    box = configured
+    unit = INSTANCES[0]
+    conf = "/etc/falcoria-worker/worker@1.conf"
+    before = box.show(unit, "MainPID", "InvocationID")
+    try:
+        box.write(conf, "SCOPE_DENY=10.250.255.0/24\n", mode=0o640)
+        box.run("chgrp", "falcoria-worker", conf)
+        box.systemctl("reload", unit, check=True)
+        log = _journal_until(box, before["InvocationID"], "configuration reloaded; ")
+        assert "configuration reloaded; changed: SCOPE_DENY" in log, log[-2000:]
+        box.write(conf, "CONCURRENCY=not-a-number\n", mode=0o640)
+        box.systemctl("reload", unit, check=True)
+        log = _journal_until(box, before["InvocationID"], "configuration not reloaded")
+        assert "configuration not reloaded, the previous one stays in force" in log, log[-2000:]
+        assert box.show(unit, "MainPID", "InvocationID") == before
+        assert box.show(unit, "ActiveState")["ActiveState"] == "active"
+    finally:
+        box.run("rm", "-f", conf)
+        box.systemctl("reload", unit)
 
 
 def test_target_restart_restarts_every_instance(configured: harness.Container) -> None:
