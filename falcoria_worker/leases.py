@@ -15,18 +15,36 @@ import redis
 from falcoria_worker import broker
 from falcoria_worker.config import Settings
 from falcoria_worker.connection import BrokerLink
-from falcoria_worker.errors import ConfigError, describe
+from falcoria_worker.delivery import Confirm, Verdict
+from falcoria_worker.errors import ConfigError, Retryable, describe
 from falcoria_worker.identity import Identity
 from falcoria_worker.lifecycle import Action, Do, Event, Transition, new_task, step
 from falcoria_worker.logs import task_context
 from falcoria_worker.observers import ObserverHub
 from falcoria_worker.protocol import Delivery
-from falcoria_worker.redis_store import RedisStore
+from falcoria_worker.redis_store import LeaseOfReport, RedisStore
 from falcoria_worker.tasks import TaskRecord
 
 log = logging.getLogger(__name__)
 
 REQUEUE_GRACE = 3600.0  # a requeued task nobody claimed by then is requeued again
+
+
+_VERDICTS: dict[LeaseOfReport, Verdict] = {"released": "upload", "held": "wait", "lost": "drop"}
+
+
+def report_owner(store: RedisStore, owner: str) -> Confirm:
+    """The deliverer's check before an upload: a stored report goes out only while no other instance
+    owns its task, and waits while our own release of the lease is on the way."""
+
+    def confirm(task_id: str) -> Verdict:
+        try:
+            lease = store.lease_of_report(task_id, owner)
+        except redis.RedisError as exc:
+            raise Retryable(f"Redis unavailable: {describe(exc)}") from exc
+        return _VERDICTS[lease]
+
+    return confirm
 
 
 class Requeues:

@@ -8,7 +8,7 @@ The lease's own `state` field (held, released, poison) is called its hold in the
 taken for the task's status:
 
     (absent) --claim--> held(owner, deadline, attempts=1) --heartbeat--> held(deadline extended)
-    held --release(owner)--> (absent)                        the task is finished
+    held --release(owner)--> (absent), fw:finished:{id} = owner  the task is finished
     held, deadline passed or owner restarting --requeue_lease--> released (message returned for the requeue)
     released or expired --claim--> held(attempts+1), or poison once attempts > max_attempts
 
@@ -38,6 +38,7 @@ TRACKING_FIRST_PAUSE = 0.005  # s between the first two looks for them; doubled 
 TRACKING_MAX_PAUSE = 1.0  # s: the pauses stop growing here (a check per second at worst)
 
 ClaimResult = Literal["claimed", "busy", "poison"]
+LeaseOfReport = Literal["released", "held", "lost"]
 
 # Prepended to the lease scripts: `now` is the caller's explicit time, or Redis's clock when it sent ''.
 _CLOCK = """
@@ -98,13 +99,15 @@ return lost
 """
 )
 
-# KEYS: lease, leases-zset. ARGV: task_id, owner. Only the owner finishes a lease (a poison one included).
+# KEYS: lease, leases-zset, finished marker. ARGV: task_id, owner, retention. Only the owner finishes a
+# lease (a poison one included), and the marker remembers who did.
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then
   return 0
 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
 return 1
 """
 
@@ -438,7 +441,21 @@ class RedisStore:
 
     def release(self, task_id: str, owner: str) -> bool:
         """Delete a finished task's lease; False when another owner holds it now."""
-        return bool(self._release(keys=[keys.lease_key(task_id), keys.LEASES_KEY], args=[task_id, owner]))
+        lease_keys = [keys.lease_key(task_id), keys.LEASES_KEY, keys.finished_key(task_id)]
+        return bool(self._release(keys=lease_keys, args=[task_id, owner, self.marker_ttl]))
+
+    def lease_of_report(self, task_id: str, owner: str) -> LeaseOfReport:
+        """Whose a stored report is, by its task's lease: still "held" by `owner` (its release is on the
+        way), "lost" (another instance holds, requeued or finished the task), else "released" (by
+        `owner`, or so long ago that nothing is known: a takeover leaves its trace for the retention,
+        and a report with no evidence against it is uploaded rather than lost)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hmget(keys.lease_key(task_id), "owner", "state")
+        pipe.get(keys.finished_key(task_id))
+        (lease_owner, hold), finished = pipe.execute()
+        if hold is not None:
+            return "held" if lease_owner == owner and hold == "held" else "lost"
+        return "released" if finished in (None, owner) else "lost"
 
     def now(self) -> float:
         """Redis's clock, in which lease deadlines are kept."""
