@@ -367,6 +367,24 @@ def test_a_stored_report_is_ours_only_while_no_other_instance_owns_its_task(stat
     assert state.lease_of_report("t3", "A") == "released"
 
 
+def test_a_status_write_held_by_a_lease_is_dropped_once_the_lease_is_gone(state: RedisStore) -> None:
+    # A write of a cut-off copy, delivered when the partition heals, must not undo the new owner's.
+    assert state.claim("t1", "A", 60, "m", 5, now=0) == "claimed"
+    state.set_status("t1", "ports_scan", phase="ports", percent=5.0, held_by="A")
+    assert state.get_status("t1")["state"] == "ports_scan"
+    assert state.get_status("t1")["percent"] == "5.0"
+    state.set_status("t1", "service_scan", phase="services", held_by="A")
+    assert "percent" not in state.get_status("t1")  # cleared, as without a lease
+    assert state.requeue_lease("t1", None, 200) == "m"
+    assert state.claim("t1", "B", 60, "m", 5, now=201) == "claimed"
+    state.set_status("t1", "completed", held_by="B", worker="B")
+    state.set_status("t1", "service_scan", phase="services", held_by="A")
+    assert state.get_status("t1")["state"] == "completed"
+    assert state.release("t1", "B")
+    state.set_status("t1", "service_scan", phase="services", held_by="B")
+    assert state.get_status("t1")["state"] == "completed"
+
+
 def test_poison_after_max_attempts(r: redis.Redis, state: RedisStore) -> None:
     now = 0.0
     for attempt in range(1, 4):

@@ -1,0 +1,133 @@
+"""Case 12: a silent partition. Instance A runs in a network namespace of its own and reaches Redis,
+RabbitMQ and ScanLedger through the lab's bridge; nftables inside that namespace then drops (not refuses)
+its packets to Redis in the middle of a scan, for longer than twice LEASE_TTL. A fences itself (stops nmap,
+keeps no report, says so in its log and STATUS) before its lease can be requeued; instance B requeues the
+expired lease and scans the task; ScanLedger receives the report once; after healing, nothing is lost,
+duplicated or leaked and both instances serve."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.reliability.kit import (
+    Figures,
+    ProcessWatch,
+    Run,
+    first_status_at,
+    leaked_keys,
+    nmap_tasks_of,
+    wait_clean,
+    wait_served,
+)
+from tests.support.drive import scan_fields, wait_until
+from tests.support.netns import HELD_PORT, Forwarder, namespace_on
+from tests.support.services import _free_ports
+
+pytestmark = pytest.mark.reliability
+
+LEASE_TTL = "6"  # the drop lasts until B has taken over: at least 2 x LEASE_TTL by construction
+
+
+@contextlib.contextmanager
+def cut_off_namespace(netns_lab, redis_server, rabbitmq, scanledger) -> Iterator[tuple[str, dict]]:
+    """A's namespace and the settings that reach the services through forwarders on the bridge."""
+    with namespace_on(netns_lab, "fence", "f", 20) as (netns, _ip):
+        base = _free_ports(3)
+        forwards = [
+            Forwarder(netns_lab.host_ip, base + i, port)
+            for i, port in enumerate(
+                (redis_server.port, rabbitmq.port, int(scanledger.url.rsplit(":", 1)[1]))
+            )
+        ]
+        try:
+            yield (
+                netns,
+                {
+                    "REDIS_HOST": netns_lab.host_ip,
+                    "REDIS_PORT": str(base),
+                    "RABBITMQ_HOST": netns_lab.host_ip,
+                    "RABBITMQ_PORT": str(base + 1),
+                    "BACKEND_BASE_URL": f"http://{netns_lab.host_ip}:{base + 2}",
+                },
+            )
+        finally:
+            for forward in forwards:
+                forward.close()
+
+
+def _drop(netns: str, host_ip: str, port: str) -> None:
+    rules = f"""
+table inet partition {{
+    chain output {{
+        type filter hook output priority filter; policy accept;
+        ip daddr {host_ip} tcp dport {port} drop
+    }}
+}}
+"""
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=rules, text=True, check=True)
+
+
+def _heal(netns: str) -> None:
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "delete", "table", "inet", "partition"], check=True)
+
+
+def test_redis_packets_dropped_past_the_lease_fence_the_scan(
+    tasker,
+    worker_factory,
+    scanledger,
+    netns_lab,
+    held_service,
+    redis_server,
+    rabbitmq,
+    watch: ProcessWatch,
+    figures: Figures,
+) -> None:
+    run = Run(tasker, scanledger, redis_server)
+    with cut_off_namespace(netns_lab, redis_server, rabbitmq, scanledger) as (netns, reach):
+        a = worker_factory("1", ledger=scanledger, hostname=f"fwpart-a-{secrets.token_hex(2)}", **reach)
+        a.prefix = ("ip", "netns", "exec", netns)
+        b = worker_factory("2", ledger=scanledger, hostname=f"fwpart-b-{secrets.token_hex(2)}")
+        for worker in (a, b):
+            worker.env["LEASE_TTL"] = LEASE_TTL
+        assert a.env["BACKEND_BASE_URL"] == reach["BACKEND_BASE_URL"]
+        a.start()
+        # Phase 2 of the held port waits until the test lets it go: A's scan cannot end by itself.
+        task_id = run.send(scan_fields(held_service.target, str(HELD_PORT)))
+        wait_until(lambda: task_id in nmap_tasks_of(a).values(), timeout=60, what="A scanning the task")
+        b.start()
+
+        cut = time.monotonic()
+        _drop(netns, netns_lab.host_ip, reach["REDIS_PORT"])
+        figures.faults["Redis packets dropped past 2 x LEASE_TTL"] += 1
+        wait_until(lambda: "fenced: lease not renewed" in a.log(), timeout=60, what="A fencing itself")
+        first_status_at(a, lambda text: "fenced" in text, cut)
+        wait_until(lambda: not nmap_tasks_of(a), timeout=30, what="A's nmap stopped")
+        # B requeues the lease once it has been expired for a whole TTL, and runs the task itself.
+        wait_until(lambda: task_id in nmap_tasks_of(b).values(), timeout=90, what="B taking the task over")
+        held_service.release()
+        run.wait_delivered(timeout=120)
+
+        healed = time.monotonic()
+        _heal(netns)
+        first_status_at(a, lambda text: "Redis" not in text and "fenced" not in text, healed)
+        wait_clean(tasker, redis_server.client())
+        time.sleep(2)  # room for a wrong second upload (A's spool, or a second requeue)
+        run.settle(figures, watch)
+        assert run.states()[task_id]["state"] == "completed", run.states()
+        assert figures.lost == 0 and figures.duplicated == 0, run.uploads_per_task()
+        assert figures.parallel_runs == 0, watch.parallel
+        assert leaked_keys(tasker, redis_server.client()) == []
+        assert list(a.state_dir.glob("spool/pending/*")) == []  # A kept no report of the task
+        wait_served(
+            tasker, [a.nodename, b.nodename], redis_server, scan_fields(netns_lab.services, "80"), scanledger
+        )
+        for worker in (a, b):
+            assert worker.alive() and worker.exits == []
+            assert "Traceback" not in worker.log()
+        a.stop()  # before its namespace and forwarders go
