@@ -8,6 +8,7 @@ duplicated or leaked and both instances serve."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import secrets
 import subprocess
 import time
@@ -32,6 +33,17 @@ from tests.support.services import _free_ports
 pytestmark = pytest.mark.reliability
 
 LEASE_TTL = "6"  # the drop lasts until B has taken over: at least 2 x LEASE_TTL by construction
+# A third of the unit's 60 s: a Redis call into dropped packets holds the loop for its socket timeout and
+# one reconnect (5 s + 2 s), which must fit, with the ping interval (half of it), inside WatchdogSec.
+WATCHDOG_SEC = 20
+
+
+def longest_watchdog_gap(worker, start: float, end: float) -> float:
+    """The longest time without a WATCHDOG=1 between two instants: what systemd's watchdog measures."""
+    pings = [at for at, line in list(worker.notify.messages) if line == "WATCHDOG=1"]
+    before = [at for at in pings if at < start]
+    moments = [*before[-1:], *(at for at in pings if start <= at <= end), end]
+    return max(b - a for a, b in itertools.pairwise(moments))
 
 
 @contextlib.contextmanager
@@ -62,11 +74,16 @@ def cut_off_namespace(netns_lab, redis_server, rabbitmq, scanledger) -> Iterator
 
 
 def _drop(netns: str, host_ip: str, port: str) -> None:
+    """Both ways, as a partition does: nothing is refused, nothing gets through."""
     rules = f"""
 table inet partition {{
     chain output {{
         type filter hook output priority filter; policy accept;
         ip daddr {host_ip} tcp dport {port} drop
+    }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        ip saddr {host_ip} tcp sport {port} drop
     }}
 }}
 """
@@ -95,6 +112,7 @@ def test_redis_packets_dropped_past_the_lease_fence_the_scan(
         b = worker_factory("2", ledger=scanledger, hostname=f"fwpart-b-{secrets.token_hex(2)}")
         for worker in (a, b):
             worker.env["LEASE_TTL"] = LEASE_TTL
+        a.env["WATCHDOG_USEC"] = str(WATCHDOG_SEC * 1_000_000)
         assert a.env["BACKEND_BASE_URL"] == reach["BACKEND_BASE_URL"]
         a.start()
         # Phase 2 of the held port waits until the test lets it go: A's scan cannot end by itself.
@@ -114,6 +132,9 @@ def test_redis_packets_dropped_past_the_lease_fence_the_scan(
         run.wait_delivered(timeout=120)
 
         healed = time.monotonic()
+        gap = longest_watchdog_gap(a, cut, healed)
+        figures.notes.append(f"A cut off {healed - cut:.0f} s; longest watchdog gap {gap:.1f} s")
+        assert gap < WATCHDOG_SEC, f"systemd would have restarted A: {gap:.1f} s without WATCHDOG=1"
         _heal(netns)
         first_status_at(a, lambda text: "Redis" not in text and "fenced" not in text, healed)
         wait_clean(tasker, redis_server.client())
