@@ -187,7 +187,7 @@ class Leases:
         for task_id, renewed in self._renewed.items():
             if now - renewed < self.settings.lease_ttl:
                 continue
-            reason = f"lease not renewed for {now - renewed:.0f} s (Redis unreachable)"
+            reason = f"lease not renewed for {now - renewed:.0f} s"
             if not self.running[task_id].apply(Event.FENCED, error=reason).view.lease_lost:
                 continue  # its report is being stored: see lifecycle
             with task_context(task_id=task_id):

@@ -80,8 +80,8 @@ class Event(StrEnum):
     DELIVERED = "delivered"
     DELIVERY_REFUSED = "delivery_refused"
     LEASE_LOST = "lease_lost"
-    # Our lease went unrenewed for a whole TTL (Redis unreachable): it may have expired, and another
-    # instance may requeue it from one more TTL on, so this copy stops before that can happen.
+    # Our lease went unrenewed for a whole TTL (Redis unreachable, or the loop held up): it may have
+    # expired, and another instance may requeue it from one more TTL on, so this copy stops before that.
     FENCED = "fenced"
     LEASE_EXPIRED = "lease_expired"  # found in Redis with nobody running it
     POISON = "poison"

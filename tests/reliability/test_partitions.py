@@ -23,6 +23,7 @@ from tests.reliability.kit import (
     first_status_at,
     leaked_keys,
     nmap_tasks_of,
+    statuses_between,
     wait_clean,
     wait_served,
 )
@@ -33,9 +34,12 @@ from tests.support.services import _free_ports
 pytestmark = pytest.mark.reliability
 
 LEASE_TTL = "6"  # the drop lasts until B has taken over: at least 2 x LEASE_TTL by construction
-# A third of the unit's 60 s: a Redis call into dropped packets holds the loop for its socket timeout and
-# one reconnect (5 s + 2 s), which must fit, with the ping interval (half of it), inside WatchdogSec.
-WATCHDOG_SEC = 20
+# Half of the unit's 60 s: a call into dropped packets holds the loop (a Redis call 5 s + a 2 s reconnect,
+# a broker connect two attempts of 5 s), which must fit, with the ping interval (half of it), inside it.
+WATCHDOG_SEC = 30
+# A connect to a silent broker holds the loop for two attempts of 5 s: its leases go unrenewed meanwhile,
+# so LEASE_TTL must stay well above that, as the default 60 s does (6 s would fence the scan).
+BROKER_CASE_LEASE_TTL = "30"
 
 
 def longest_watchdog_gap(worker, start: float, end: float) -> float:
@@ -152,3 +156,68 @@ def test_redis_packets_dropped_past_the_lease_fence_the_scan(
             assert worker.alive() and worker.exits == []
             assert "Traceback" not in worker.log()
         a.stop()  # before its namespace and forwarders go
+
+
+def test_rabbitmq_packets_dropped_are_noticed_and_the_scan_goes_on(
+    tasker,
+    worker_factory,
+    scanledger,
+    netns_lab,
+    held_service,
+    redis_server,
+    rabbitmq,
+    watch: ProcessWatch,
+    figures: Figures,
+) -> None:
+    """A's packets to and from RabbitMQ dropped mid-scan: A notices within about two AMQP heartbeats
+    (30 s each; py-amqp gives up after two missed), says so in STATUS until it is back, and keeps its scan
+    and its lease through Redis, so B never takes the task over; after healing the task is delivered
+    once."""
+    run = Run(tasker, scanledger, redis_server)
+    with cut_off_namespace(netns_lab, redis_server, rabbitmq, scanledger) as (netns, reach):
+        a = worker_factory("1", ledger=scanledger, hostname=f"fwpart-a-{secrets.token_hex(2)}", **reach)
+        a.prefix = ("ip", "netns", "exec", netns)
+        b = worker_factory("2", ledger=scanledger, hostname=f"fwpart-b-{secrets.token_hex(2)}")
+        a.env["WATCHDOG_USEC"] = str(WATCHDOG_SEC * 1_000_000)
+        for worker in (a, b):
+            worker.env["LEASE_TTL"] = BROKER_CASE_LEASE_TTL
+        a.start()
+        task_id = run.send(scan_fields(held_service.target, str(HELD_PORT)))
+        wait_until(lambda: task_id in nmap_tasks_of(a).values(), timeout=60, what="A scanning the task")
+        b.start()
+
+        cut = time.monotonic()
+        _drop(netns, netns_lab.host_ip, reach["RABBITMQ_PORT"])
+        figures.faults["RabbitMQ packets dropped past the AMQP heartbeat"] += 1
+
+        def says_outage(text: str) -> bool:
+            return text.startswith("reconnecting to RabbitMQ")
+
+        noticed = first_status_at(a, says_outage, cut, timeout=180)
+        assert task_id in nmap_tasks_of(a).values()  # the scan goes on: its lease lives through Redis
+        healed = time.monotonic()
+        gap = longest_watchdog_gap(a, cut, healed)
+        figures.notes.append(f"noticed after {noticed - cut:.0f} s; longest watchdog gap {gap:.1f} s")
+        assert gap < WATCHDOG_SEC, f"systemd would have restarted A: {gap:.1f} s without WATCHDOG=1"
+        lies = [text for text in statuses_between(a, noticed, healed) if not says_outage(text)]
+        assert lies == [], f"A's STATUS while cut off from RabbitMQ: {lies}"
+        _heal(netns)
+        first_status_at(a, lambda text: not says_outage(text), healed, timeout=120)
+        held_service.release()
+        run.wait_delivered(timeout=120)
+        wait_clean(tasker, redis_server.client())
+        time.sleep(2)  # room for a wrong second upload
+        run.settle(figures, watch)
+        assert run.states()[task_id]["state"] == "completed", run.states()
+        assert figures.lost == 0 and figures.duplicated == 0, run.uploads_per_task()
+        assert figures.parallel_runs == 0, watch.parallel
+        assert watch.nmap_tasks[task_id] == {str(a.state_dir)}  # B never took it over
+        assert "lease lost" not in a.log() and "fenced" not in a.log()
+        assert leaked_keys(tasker, redis_server.client()) == []
+        wait_served(
+            tasker, [a.nodename, b.nodename], redis_server, scan_fields(netns_lab.services, "80"), scanledger
+        )
+        for worker in (a, b):
+            assert worker.alive() and worker.exits == []
+            assert "Traceback" not in worker.log()
+        a.stop()
