@@ -242,9 +242,11 @@ class CeleryEvents:
                 self._dispatcher.send(kind, **fields)
             except Exception as exc:
                 # The broker is away: this event is lost; one heartbeat interval later a send reconnects.
+                # No close handshake on a connection that just failed: a silent broker never answers it,
+                # and the loop (which sends the heartbeats) would wait for it, its leases unrenewed.
                 log.debug("could not send %s: %s", kind, exc)
                 self._retry_at = time.monotonic() + HEARTBEAT_INTERVAL
-                self._drop()
+                self._drop(handshake=False)
 
     def _open(self) -> EventDispatcher:
         return EventDispatcher(

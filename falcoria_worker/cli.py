@@ -407,6 +407,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from falcoria_worker.celery_events import CeleryEvents
     from falcoria_worker.delivery import Deliverer
     from falcoria_worker.identity import Identity
+    from falcoria_worker.leases import report_owner
     from falcoria_worker.metrics import Metrics, textfile_dir
     from falcoria_worker.observers import ObserverHub, delivery_reporter
     from falcoria_worker.redis_store import RedisStore, redis_client
@@ -436,6 +437,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             spool,
             ledger_from(settings),
             on_result=delivery_reporter(hub, time.time),
+            confirm=report_owner(store, Identity.of(settings).owner),
             backoff_max=settings.upload_backoff_max,
         )
     else:

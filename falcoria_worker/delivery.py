@@ -11,6 +11,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from typing import Literal
 
 from falcoria_worker.errors import DeliveryRejected, Retryable
 from falcoria_worker.ledger import LedgerUnavailable, ScanLedger
@@ -20,6 +21,10 @@ log = logging.getLogger(__name__)
 
 
 OnResult = Callable[[SpoolEntry, "str | None"], None]
+# Whose a report is, asked right before its upload: "upload" (ours), "drop" (another instance owns the
+# task now and delivers its own), "wait" (not known yet); raises Retryable while it cannot be known.
+Verdict = Literal["upload", "drop", "wait"]
+Confirm = Callable[[str], Verdict]
 
 
 def _fields(entry: SpoolEntry) -> dict[str, str]:
@@ -41,6 +46,10 @@ class Deliverer(threading.Thread):
     times, while reports queued after its first failure were accepted, is this report's problem and not
     an outage: it moves to failed/ (kept there for the operator) instead of being retried forever. A
     ScanLedger that answers 500 to everything accepts nothing, so such an outage never fails an entry.
+
+    Before each upload `confirm` says whose the report is (see docs/design.md, "Fencing"): a report of a
+    task another instance took over is removed unsent (its owner's report is the one ScanLedger gets), one
+    not yet known waits, and while Redis cannot tell, the whole spool backs off as in an outage.
     """
 
     def __init__(
@@ -49,6 +58,7 @@ class Deliverer(threading.Thread):
         ledger: ScanLedger,
         *,
         on_result: OnResult,
+        confirm: Confirm = lambda _task_id: "upload",
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
         give_up_after: int = 10,
@@ -58,6 +68,7 @@ class Deliverer(threading.Thread):
         self._spool = spool
         self._ledger = ledger
         self._on_result = on_result
+        self._confirm = confirm
         self._initial = backoff_initial
         self._max = backoff_max
         self._wake = threading.Event()
@@ -115,6 +126,7 @@ class Deliverer(threading.Thread):
     def _pass(self) -> tuple[float | None, bool]:
         """One sweep over the pending entries. Returns (seconds to wait or None for idle, wake-able)."""
         entries = self._spool.pending()
+        waiting = False  # an entry whose owner is not known yet: look again soon
         keys = {(e.task_id, e.created) for e in entries}
         self._retry = {k: v for k, v in self._retry.items() if k in keys}
         self._delivered &= keys
@@ -126,6 +138,13 @@ class Deliverer(threading.Thread):
                 self._finish(entry, key)  # the last removal failed; try again, never upload again
                 continue
             if key in self._retry and self._retry[key][1] > time.monotonic():
+                continue
+            try:
+                owner = self._confirm(entry.task_id)
+            except Retryable as exc:
+                return self._outage(exc, None, len(entries), "the lease of its task cannot be confirmed")
+            if owner != "upload":
+                waiting |= self._hold_back(entry, owner)
                 continue
             try:
                 ips = self._ledger.upload(entry.project, entry.mode, entry.track_history, entry.xml)
@@ -150,20 +169,36 @@ class Deliverer(threading.Thread):
             self._finish(entry, key)
         self._outages = 0
         due = [t for _, t, _ in self._retry.values()]
-        if self._delivered:  # a removal to retry
+        if self._delivered or waiting:  # a removal to retry, or an owner to ask again
             due.append(time.monotonic() + self._backoff(1))
         return (max(0.0, min(due) - time.monotonic()) if due else None), True
 
-    def _outage(self, exc: Exception, retry_after: float | None, pending: int) -> tuple[float, bool]:
+    def _outage(
+        self, exc: Exception, retry_after: float | None, pending: int, what: str = "ScanLedger unavailable"
+    ) -> tuple[float, bool]:
         self._outages += 1
         wait = self._backoff(self._outages, retry_after)
-        log.warning(
-            "spool: ScanLedger unavailable (%s); %d pending, next try in %.1f s",
-            exc,
-            pending,
-            wait,
-        )
+        log.warning("spool: %s (%s); %d pending, next try in %.1f s", what, exc, pending, wait)
         return wait, False
+
+    def _hold_back(self, entry: SpoolEntry, owner: Verdict) -> bool:
+        """Not uploaded now; True when it is to be asked about again soon. A dropped report reports no
+        result: the task's status belongs to the instance that owns it now."""
+        if owner == "wait":
+            return True
+        try:
+            self._spool.done(entry)
+        except OSError:
+            log.exception(
+                "spool: could not remove the report of task %s", entry.task_id, extra=_fields(entry)
+            )
+            return True
+        log.warning(
+            "spool: task %s dropped unsent: another instance owns the task (its lease was taken over)",
+            entry.task_id,
+            extra=_fields(entry),
+        )
+        return False
 
     def _entry_failed(self, entry: SpoolEntry, key: tuple[str, float], exc: Exception) -> None:
         failures, _due, accepted_then = self._retry.get(key, (0, 0.0, self._accepted))

@@ -87,6 +87,12 @@ def delivered_key(task_id: str) -> str:
     return f"fw:delivered:{task_id}"
 
 
+def finished_key(task_id: str) -> str:
+    """STRING with a TTL: the owner whose release finished the task's lease, so that a report it stored
+    is still known to be its own to upload once the lease is gone."""
+    return f"fw:finished:{task_id}"
+
+
 def node_key(nodename: str) -> str:
     """Which machine runs the Celery node `worker<N>@<hostname>`: two hosts with the same name would
     share every host-scoped key (and steal each other's leases), so the second one refuses to start."""

@@ -15,18 +15,36 @@ import redis
 from falcoria_worker import broker
 from falcoria_worker.config import Settings
 from falcoria_worker.connection import BrokerLink
-from falcoria_worker.errors import ConfigError, describe
+from falcoria_worker.delivery import Confirm, Verdict
+from falcoria_worker.errors import ConfigError, Retryable, describe
 from falcoria_worker.identity import Identity
 from falcoria_worker.lifecycle import Action, Do, Event, Transition, new_task, step
 from falcoria_worker.logs import task_context
 from falcoria_worker.observers import ObserverHub
 from falcoria_worker.protocol import Delivery
-from falcoria_worker.redis_store import RedisStore
+from falcoria_worker.redis_store import LeaseOfReport, RedisStore
 from falcoria_worker.tasks import TaskRecord
 
 log = logging.getLogger(__name__)
 
 REQUEUE_GRACE = 3600.0  # a requeued task nobody claimed by then is requeued again
+
+
+_VERDICTS: dict[LeaseOfReport, Verdict] = {"released": "upload", "held": "wait", "lost": "drop"}
+
+
+def report_owner(store: RedisStore, owner: str) -> Confirm:
+    """The deliverer's check before an upload: a stored report goes out only while no other instance
+    owns its task, and waits while our own release of the lease is on the way."""
+
+    def confirm(task_id: str) -> Verdict:
+        try:
+            lease = store.lease_of_report(task_id, owner)
+        except redis.RedisError as exc:
+            raise Retryable(f"Redis unavailable: {describe(exc)}") from exc
+        return _VERDICTS[lease]
+
+    return confirm
 
 
 class Requeues:
@@ -128,6 +146,9 @@ class Leases:
         self.node_ttl = settings.lease_ttl * 3
         self.recovered = False
         self._last_heartbeat = self._last_sweep = 0.0
+        # task id -> when Redis last confirmed our lease (monotonic): the fence's clock. Only the loop
+        # thread reads and writes it.
+        self._renewed: dict[str, float] = {}
         self._sweep_not_before = 0.0
         self.hold_sweep(time.monotonic())
 
@@ -141,7 +162,7 @@ class Leases:
         lease_ttl = self.settings.lease_ttl
         if now - self._last_heartbeat >= lease_ttl / 3:
             self._last_heartbeat = now
-            self.heartbeat()
+            self.heartbeat(now)
         if now - self._last_sweep >= lease_ttl / 2 and now >= self._sweep_not_before:
             self._last_sweep = now
             self.sweep()
@@ -152,11 +173,36 @@ class Leases:
         sweep = max(self._last_sweep + lease_ttl / 2, self._sweep_not_before)
         return min(self._last_heartbeat + lease_ttl / 3, sweep)
 
-    def heartbeat(self) -> None:
+    def fence_due(self) -> float | None:
+        """When the first running task's lease goes a whole TTL unrenewed (monotonic), if any runs."""
+        live = [self._renewed[i] for i in self._live() if i in self._renewed]
+        return min(live) + self.settings.lease_ttl if live else None
+
+    def fence(self, now: float) -> None:
+        """Stop the scans whose lease Redis has not confirmed for a whole TTL. Runs on every turn of the
+        loop, Redis or not: the lease may have expired on Redis's clock by now, and another instance's
+        sweep requeues it once it has been expired for one more TTL, so this copy must be gone before
+        then. A task first seen here starts its clock now (it was claimed within this turn)."""
+        self._renewed = {i: self._renewed.get(i, now) for i in self._live()}
+        for task_id, renewed in self._renewed.items():
+            if now - renewed < self.settings.lease_ttl:
+                continue
+            reason = f"lease not renewed for {now - renewed:.0f} s"
+            if not self.running[task_id].apply(Event.FENCED, error=reason).view.lease_lost:
+                continue  # its report is being stored: see lifecycle
+            with task_context(task_id=task_id):
+                log.warning("fenced: %s; stopped the scan and dropped its result", reason)
+
+    def _live(self) -> list[str]:
+        return [r.task_id for r in self.running.values() if not (r.view.lease_lost or r.view.ended)]
+
+    def heartbeat(self, now: float) -> None:
         self.store.renew_node(self.identity.nodename, self.identity.machine, self.node_ttl)
-        ids = [r.task_id for r in self.running.values() if not (r.view.lease_lost or r.view.ended)]
+        ids = self._live()
         if ids:
-            for task_id in self.store.heartbeat(ids, self.identity.owner, self.settings.lease_ttl):
+            lost = self.store.heartbeat(ids, self.identity.owner, self.settings.lease_ttl)
+            self._renewed.update((i, now) for i in ids if i not in lost)
+            for task_id in lost:
                 record = self.running.get(task_id)
                 if record is not None and not record.view.ended:
                     # Another worker took the task over (we were frozen past the lease): stop ours.

@@ -10,9 +10,10 @@ observes the published `Transition`s.
     any stage --refused/duplicate/revoked/poison/failed/cancelled/nmap killed--> ENDED(outcome)
     ENDED(completed) --delivered/delivery refused--> ENDED(completed), the delivery recorded
 
-While a scan runs, `revoked`, `stopping` and `lease lost` only stop nmap and mark the task; how it then
-ends is decided when the scan thread reports the end: taken over (another instance owns it now), put back
-on the queue (our own stop), or the end the scan reached.
+While a scan runs, `revoked`, `stopping`, `lease lost` and `fenced` only stop nmap and mark the task; how it
+then ends is decided when the scan thread reports the end: taken over (another instance owns it now, or may
+soon: a fenced task's lease went unrenewed too long), put back on the queue (our own stop), or the end the
+scan reached.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ class Event(StrEnum):
     DELIVERED = "delivered"
     DELIVERY_REFUSED = "delivery_refused"
     LEASE_LOST = "lease_lost"
+    # Our lease went unrenewed for a whole TTL (Redis unreachable, or the loop held up): it may have
+    # expired, and another instance may requeue it from one more TTL on, so this copy stops before that.
+    FENCED = "fenced"
     LEASE_EXPIRED = "lease_expired"  # found in Redis with nobody running it
     POISON = "poison"
 
@@ -131,6 +135,7 @@ class TaskView:
     stop_reason: str | None = None  # why nmap was told to stop, while the scan thread winds down
     stopping: bool = False
     lease_lost: bool = False
+    fence: str | None = None  # why this instance gave the task up without hearing from Redis
     delivered: bool = False
 
     @property
@@ -318,6 +323,10 @@ def _decide(  # noqa: PLR0911, PLR0912 - the one table of the task's life
         return replace(view, stopping=True, stop_reason=view.stop_reason or "stopping"), [STOP_NMAP]
     if event is Event.LEASE_LOST:
         return replace(view, lease_lost=True, stop_reason="lease lost"), [STOP_NMAP]
+    if event is Event.FENCED and stage is not Stage.SCANNED:
+        # A report being stored now is not stopped: its upload waits for the lease's release instead.
+        fence = f"fenced: {error}"
+        return replace(view, lease_lost=True, fence=fence, stop_reason=fence), [STOP_NMAP]
     if event is Event.PHASE_STARTED and phase is not None and stage is not Stage.SCANNED:
         moved = replace(
             view, stage=_PHASE_STAGE[phase], phase=phase, detail=detail or view.detail, percent=None
@@ -352,7 +361,9 @@ def _scan_end(
     """How a running scan ends. Our own stop or a lost lease wins over what the scan reached: the task is
     not ours to finish then."""
     if view.lease_lost:
-        return _end(view, Outcome.TAKEN_OVER, error="another worker took the task over"), [CLEAR_TRACES]
+        # No status either: it is written by whoever holds the lease now.
+        error = view.fence or "another worker took the task over"
+        return _end(view, Outcome.TAKEN_OVER, error=error), [CLEAR_TRACES]
     if view.stopping:
         ended = _end(view, Outcome.REQUEUED, error=HANDED_BACK)
         return ended, [CLEAR_TRACES, STATUS, Action(Do.REQUEUE, refund=True)]

@@ -86,10 +86,13 @@ class StatusLine:
         self._views: dict[str, TaskView] = {}
         self._lock = threading.Lock()
         self.draining = False
+        self._fenced: set[str] = set()  # stopped since Redis went away: STATUS says so until it is back
 
     def observe(self, transition: Transition) -> None:
         view = transition.view
         with self._lock:
+            if transition.event is Event.FENCED and view.fence:
+                self._fenced.add(view.task_id)
             if view.running:
                 self._views[view.task_id] = view
             else:
@@ -118,6 +121,11 @@ class StatusLine:
 
     def _text(self, *, broker_down: str | None, redis_ok: bool, scans: int) -> str:
         busy = f"; {scans} scan(s) continue" if scans else ""
+        with self._lock:
+            if redis_ok:
+                self._fenced.clear()
+            if self._fenced:
+                busy += f"; {len(self._fenced)} scan(s) fenced: lease not renewed"
         if broker_down is not None:
             return f"reconnecting to RabbitMQ: {broker_down}{busy}"
         if not redis_ok:

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 LATE_CLEANUP = 60.0  # seconds after which a refused task whose tracking came late is cleaned again
 LATER_MAX = 10_000  # late cleanups kept at most (a flood of forged messages must not exhaust memory)
 _SCANNING = frozenset({Stage.PORTS_SCAN, Stage.SERVICE_SCAN})
+# From these stages on our lease holds the task until its end is recorded: its status is written only
+# while it still does (see RedisStore.set_status).
+_LEASED = frozenset({Stage.LEASED, Stage.RECEIVED, *_SCANNING, Stage.SCANNED})
 
 
 class RedisHealth:
@@ -132,8 +135,9 @@ class RedisRecorder:
             extra["delivery"] = v.note
         phase = v.phase.value if v.stage in _SCANNING and v.phase is not None else None
         percent = round(v.percent, 1) if phase and v.percent is not None else None
+        held_by = self.owner if t.before in _LEASED else None
         self.store.set_status(
-            t.task_id, status_value(v), phase=phase, percent=percent, error=v.error, **extra
+            t.task_id, status_value(v), phase=phase, percent=percent, error=v.error, held_by=held_by, **extra
         )
 
     # ------------------------------------------------------------------ the loop's duties

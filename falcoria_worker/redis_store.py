@@ -8,7 +8,7 @@ The lease's own `state` field (held, released, poison) is called its hold in the
 taken for the task's status:
 
     (absent) --claim--> held(owner, deadline, attempts=1) --heartbeat--> held(deadline extended)
-    held --release(owner)--> (absent)                        the task is finished
+    held --release(owner)--> (absent), fw:finished:{id} = owner  the task is finished
     held, deadline passed or owner restarting --requeue_lease--> released (message returned for the requeue)
     released or expired --claim--> held(attempts+1), or poison once attempts > max_attempts
 
@@ -29,7 +29,7 @@ import redis
 from redis.backoff import ConstantBackoff
 from redis.retry import Retry
 
-from falcoria_worker import keys
+from falcoria_worker import keys, lease_scripts
 from falcoria_worker.config import Settings, redis_kwargs
 from falcoria_worker.model import ScanTask
 
@@ -38,114 +38,7 @@ TRACKING_FIRST_PAUSE = 0.005  # s between the first two looks for them; doubled 
 TRACKING_MAX_PAUSE = 1.0  # s: the pauses stop growing here (a check per second at worst)
 
 ClaimResult = Literal["claimed", "busy", "poison"]
-
-# Prepended to the lease scripts: `now` is the caller's explicit time, or Redis's clock when it sent ''.
-_CLOCK = """
-local function clock(given)
-  if given ~= '' then
-    return tonumber(given)
-  end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-"""
-
-# KEYS: lease, leases-zset. ARGV: task_id, owner, now, ttl, message, max_attempts, retention.
-# A live lease of anyone (us included: a duplicate delivery of a task we run) makes the message a
-# duplicate; an expired or released one is a redelivery and counts an attempt.
-_CLAIM = (
-    _CLOCK
-    + """
-local hold = redis.call('HGET', KEYS[1], 'state')
-local now = clock(ARGV[3])
-if hold == 'held' and tonumber(redis.call('HGET', KEYS[1], 'deadline')) > now then
-  return 'busy'
-end
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') + 1
-if attempts > tonumber(ARGV[6]) then
-  redis.call('HSET', KEYS[1], 'state', 'poison', 'owner', ARGV[2], 'attempts', attempts)
-  redis.call('HDEL', KEYS[1], 'deadline')
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[7])
-  return 'poison'
-end
-local deadline = now + tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], 'state', 'held', 'owner', ARGV[2], 'deadline', deadline,
-           'attempts', attempts, 'message', ARGV[5])
-redis.call('ZADD', KEYS[2], deadline, ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[7])
-return 'claimed'
-"""
-)
-
-# KEYS: leases-zset, lease keys... ARGV: owner, now, ttl, task ids (same order as the lease keys).
-_HEARTBEAT = (
-    _CLOCK
-    + """
-local deadline = clock(ARGV[2]) + tonumber(ARGV[3])
-local lost = {}
-for i = 2, #KEYS do
-  local id = ARGV[i + 2]
-  local owner, hold = unpack(redis.call('HMGET', KEYS[i], 'owner', 'state'))
-  if owner == ARGV[1] and hold == 'held' then
-    redis.call('HSET', KEYS[i], 'deadline', deadline)
-    redis.call('ZADD', KEYS[1], deadline, id)
-  else
-    table.insert(lost, id)
-  end
-end
-return lost
-"""
-)
-
-# KEYS: lease, leases-zset. ARGV: task_id, owner. Only the owner finishes a lease (a poison one included).
-_RELEASE = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then
-  return 0
-end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return 1
-"""
-
-# KEYS: lease, leases-zset. ARGV: task_id, now, owner_hint ('' for none).
-_REQUEUE_LEASE = (
-    _CLOCK
-    + """
-local owner, hold, deadline = unpack(redis.call('HMGET', KEYS[1], 'owner', 'state', 'deadline'))
-if hold ~= 'held' and hold ~= 'released' then
-  return false
-end
-local now = clock(ARGV[2])
-if tonumber(deadline) > now and (hold == 'released' or ARGV[3] == '' or owner ~= ARGV[3]) then
-  return false
-end
--- Released, but still indexed with a requeue deadline: if the requeue is lost (the instance dies
--- before it reaches the broker) and nobody claims the task by then, a sweep requeues it again.
-local requeue_by = now + tonumber(ARGV[4])
-if ARGV[5] == '1' then
-  -- requeued by a stopping worker: not the task's fault, so the attempt does not count
-  local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1')
-  redis.call('HSET', KEYS[1], 'attempts', math.max(attempts - 1, 0))
-end
-redis.call('HSET', KEYS[1], 'state', 'released', 'deadline', requeue_by)
-redis.call('HDEL', KEYS[1], 'owner')
-redis.call('ZADD', KEYS[2], requeue_by, ARGV[1])
-return redis.call('HGET', KEYS[1], 'message')
-"""
-)
-
-# KEYS: leases-zset. ARGV: owner, lease key prefix. Only start-up recovery calls it, and only the leases
-# in the index (held ones) can belong to anybody.
-_OWNED_BY = """
-local ids = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if redis.call('HGET', ARGV[2] .. id, 'owner') == ARGV[1] then
-    table.insert(ids, id)
-  end
-end
-return ids
-"""
+LeaseOfReport = Literal["released", "held", "lost"]
 
 # KEYS: lock. ARGV: ttl. Tasker's lock (timeout+10 s from enqueue) can run out while a scan is still
 # running, after which insert mode queues the same target again; extend it, never shorten it, and never
@@ -196,13 +89,14 @@ class RedisStore:
         self.status_ttl = status_ttl
         # Revoke/delivery markers and idle leases must outlive any queue wait; a week by default.
         self.marker_ttl = marker_ttl if marker_ttl is not None else status_ttl
-        self._claim = client.register_script(_CLAIM)
-        self._heartbeat = client.register_script(_HEARTBEAT)
-        self._release = client.register_script(_RELEASE)
-        self._requeue_lease = client.register_script(_REQUEUE_LEASE)
-        self._owned_by = client.register_script(_OWNED_BY)
+        self._claim = client.register_script(lease_scripts.CLAIM)
+        self._heartbeat = client.register_script(lease_scripts.HEARTBEAT)
+        self._release = client.register_script(lease_scripts.RELEASE)
+        self._requeue_lease = client.register_script(lease_scripts.REQUEUE_LEASE)
+        self._owned_by = client.register_script(lease_scripts.OWNED_BY)
         self._refresh_lock = client.register_script(_REFRESH_LOCK)
         self._release_node = client.register_script(_RELEASE_NODE)
+        self._write_status_held = client.register_script(lease_scripts.WRITE_STATUS_HELD)
 
     def ping(self) -> None:
         self.r.ping()
@@ -356,24 +250,31 @@ class RedisStore:
         phase: str | None = None,
         percent: float | None = None,
         error: str | None = None,
+        held_by: str | None = None,
         **extra: object,
     ) -> None:
         """Write `task:{id}:status`. phase/percent/error given as None are removed (a new state clears
         the previous phase's progress and an earlier attempt's error); other fields given as None are
-        removed too, fields not given are kept (e.g. `worker`, `delivery`)."""
+        removed too, fields not given are kept (e.g. `worker`, `delivery`). With `held_by`, only while
+        that owner holds the task's lease."""
         fields: dict[str, object] = {"state": str(state), "phase": phase, "percent": percent, "error": error}
         fields.update(extra)
-        self._write_status(task_id, fields)
+        self._write_status(task_id, fields, held_by)
 
     def set_status_fields(self, task_id: str, **fields: object) -> None:
         """Add or change status fields without touching the state."""
         self._write_status(task_id, fields)
 
-    def _write_status(self, task_id: str, fields: Mapping[str, object]) -> None:
+    def _write_status(self, task_id: str, fields: Mapping[str, object], held_by: str | None = None) -> None:
         key = keys.status_key(task_id)
         present = {k: str(v) for k, v in fields.items() if v is not None}
         present["updated_at"] = str(int(time.time()))
         absent = [k for k, v in fields.items() if v is None]
+        if held_by is not None:
+            pairs = [part for item in present.items() for part in item]
+            args = [held_by, self.status_ttl, len(present), *pairs, *absent]
+            self._write_status_held(keys=[key, keys.lease_key(task_id)], args=args)
+            return
         with self.r.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=present)
             if absent:
@@ -438,7 +339,21 @@ class RedisStore:
 
     def release(self, task_id: str, owner: str) -> bool:
         """Delete a finished task's lease; False when another owner holds it now."""
-        return bool(self._release(keys=[keys.lease_key(task_id), keys.LEASES_KEY], args=[task_id, owner]))
+        lease_keys = [keys.lease_key(task_id), keys.LEASES_KEY, keys.finished_key(task_id)]
+        return bool(self._release(keys=lease_keys, args=[task_id, owner, self.marker_ttl]))
+
+    def lease_of_report(self, task_id: str, owner: str) -> LeaseOfReport:
+        """Whose a stored report is, by its task's lease: still "held" by `owner` (its release is on the
+        way), "lost" (another instance holds, requeued or finished the task), else "released" (by
+        `owner`, or so long ago that nothing is known: a takeover leaves its trace for the retention,
+        and a report with no evidence against it is uploaded rather than lost)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hmget(keys.lease_key(task_id), "owner", "state")
+        pipe.get(keys.finished_key(task_id))
+        (lease_owner, hold), finished = pipe.execute()
+        if hold is not None:
+            return "held" if lease_owner == owner and hold == "held" else "lost"
+        return "released" if finished in (None, owner) else "lost"
 
     def now(self) -> float:
         """Redis's clock, in which lease deadlines are kept."""

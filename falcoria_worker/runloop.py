@@ -188,6 +188,7 @@ class Worker:
         end = time.monotonic() + seconds
         while not self.stop_requested and (now := time.monotonic()) < end:
             self._collect_ended()
+            self.leases.fence(now)
             if self.health.ok:
                 # Leases are renewed in a broker outage too: the scans go on, nobody may take them over.
                 try:
@@ -226,7 +227,7 @@ class Worker:
     def _time_to_next(self) -> float:
         """Seconds until the loop's next timer; messages, a scan's end and a stop wake it sooner."""
         now = time.monotonic()
-        timers = [self.notifier.watchdog_due()]
+        timers = [self.notifier.watchdog_due(), self.leases.fence_due()]
         if self.health.ok:  # Redis's timers wait while it is down: nothing to do but probe it
             timers += [self.leases.next_due(), self.recorder.next_cleanup()]
         elif self.link.ok:  # serving: the tick probes it (a reconnect waits in _ensure_redis)
@@ -239,6 +240,7 @@ class Worker:
         self.reloader.poll(self)  # SIGHUP: new settings for the tasks admitted from now on
         self._collect_ended()
         self._update_consumption()  # cheap; catches a Redis outage a scan thread reported
+        self.leases.fence(now)  # before any Redis call of this turn, each of which may hang seconds
         if not self.health.ok and now - self._last_probe >= REDIS_PROBE:
             self._last_probe = now
             with contextlib.suppress(redis.RedisError):
@@ -300,9 +302,7 @@ class Worker:
             transition = self.admission.admit(message)
         except redis.RedisError as exc:
             # Without Redis nothing can be recorded: give the message back and stop taking work.
-            log.warning(
-                "Redis unavailable while accepting a task (%s); message returned to the queue", describe(exc)
-            )
+            log.warning("Redis unavailable while accepting a task (%s); message requeued", describe(exc))
             message.requeue()
             self.health.ok = False
             self._update_consumption()

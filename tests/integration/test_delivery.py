@@ -16,15 +16,20 @@ import tracemalloc
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 import requests
 
 from falcoria_worker.delivery import Deliverer
 from falcoria_worker.errors import DeliveryRejected, Retryable
+from falcoria_worker.leases import report_owner
 from falcoria_worker.ledger import LedgerUnavailable, ScanLedger
+from falcoria_worker.redis_store import RedisStore
 from falcoria_worker.spool import Spool, SpoolEntry
 from tests.fakes.scanledger import FakeScanLedger, sample_report
+from tests.support.drive import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +84,7 @@ class Harness:
     def ledger(self, token: str | None = None) -> AttemptSignal:
         return AttemptSignal(self.fake.url, token or self.fake.token)
 
-    def start(self, ledger: ScanLedger | None = None, **options: float) -> Deliverer:
+    def start(self, ledger: ScanLedger | None = None, **options: Any) -> Deliverer:
         deliverer = Deliverer(
             self.spool,
             ledger or self.ledger(),
@@ -477,3 +482,40 @@ def test_a_large_report_is_streamed_not_loaded(tmp_path: Path) -> None:
     finally:
         fake.terminate()
         fake.wait(timeout=WAIT)
+
+
+def test_a_report_goes_out_only_while_its_task_is_ours(h: Harness, redis_server) -> None:
+    """Its lease released by us: uploaded. Taken over by another instance: removed unsent, nothing
+    reported. Our release still on the way: it waits for it. Redis gone: nothing goes out."""
+    redis_server.flush()
+    store = RedisStore(redis_server.client(), "scanner-1", status_ttl=600)
+    for task_id in ("ours", "theirs", "pending"):
+        assert store.claim(task_id, "A", 60, "m", 5) == "claimed"
+    assert store.release("ours", "A")
+    assert store.requeue_lease("theirs", "A") == "m"  # as a sweep does, once the lease expired
+    assert store.claim("theirs", "B", 60, "m", 5) == "claimed"
+    for task_id in ("ours", "theirs", "pending"):
+        h.put(task_id)
+    h.start(confirm=report_owner(store, "A"))
+    assert h.results.next() == ("ours", None, False)
+    wait_until(lambda: not h.spool.has("theirs"), timeout=WAIT, what="the taken-over report dropped")
+    assert h.spool.has("pending")
+    assert store.release("pending", "A")
+    assert h.results.next() == ("pending", None, False)
+    assert h.results.empty()
+    assert sorted(u.project for u in h.fake.uploads) == [h.fake.project] * 2
+
+
+def test_no_upload_while_redis_cannot_tell_whose_the_report_is(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = redis.Redis(port=1, socket_connect_timeout=0.2, decode_responses=True)  # nothing listens
+    h.put()
+    caplog.set_level(logging.WARNING, logger="falcoria_worker.delivery")
+
+    def passes_cut_short() -> int:
+        return sum("lease of its task cannot be confirmed" in r.getMessage() for r in caplog.records)
+
+    h.start(confirm=report_owner(RedisStore(dead, "scanner-1", status_ttl=600), "A"))
+    wait_until(lambda: passes_cut_short() >= 2, timeout=WAIT, what="two passes backed off")
+    assert h.fake.uploads == [] and h.spool.has("task-1")

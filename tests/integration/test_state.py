@@ -283,7 +283,8 @@ def test_claim_heartbeat_release(r: redis.Redis, state: RedisStore) -> None:
     assert state.expired(1111) == ["t1"]
     assert not state.release("t1", "B")
     assert state.release("t1", "A")
-    assert r.keys("fw:*") == []
+    assert r.keys("fw:*") == ["fw:finished:t1"]  # who finished it, for its stored report
+    assert 0 < r.ttl("fw:finished:t1") <= STATUS_TTL
 
 
 def test_lease_deadlines_are_kept_on_redis_clock(r: redis.Redis, state: RedisStore) -> None:
@@ -346,6 +347,44 @@ def test_lost_requeue_is_taken_back_after_the_grace(state: RedisStore) -> None:
     assert state.requeue_lease("t1", None, 650, requeue_grace=500) is None
 
 
+def test_a_stored_report_is_ours_only_while_no_other_instance_owns_its_task(state: RedisStore) -> None:
+    assert state.claim("t1", "A", 60, "m", 5, now=0) == "claimed"
+    assert state.lease_of_report("t1", "A") == "held"  # our release is on the way
+    assert state.lease_of_report("t1", "B") == "lost"
+    assert state.release("t1", "A")
+    assert state.lease_of_report("t1", "A") == "released"
+    assert state.lease_of_report("t1", "B") == "lost"
+    # A was cut off past its lease: B's sweep requeued it, B claimed it, finished and released it.
+    assert state.claim("t2", "A", 60, "m", 5, now=0) == "claimed"
+    assert state.requeue_lease("t2", None, 200) == "m"
+    assert state.lease_of_report("t2", "A") == "lost"  # requeued: someone runs it again
+    assert state.claim("t2", "B", 60, "m", 5, now=201) == "claimed"
+    assert state.lease_of_report("t2", "A") == "lost"
+    assert not state.release("t2", "A")
+    assert state.release("t2", "B")
+    assert state.lease_of_report("t2", "A") == "lost"
+    # Nothing known (older than the retention): uploaded rather than lost.
+    assert state.lease_of_report("t3", "A") == "released"
+
+
+def test_a_status_write_held_by_a_lease_is_dropped_once_the_lease_is_gone(state: RedisStore) -> None:
+    # A write of a cut-off copy, delivered when the partition heals, must not undo the new owner's.
+    assert state.claim("t1", "A", 60, "m", 5, now=0) == "claimed"
+    state.set_status("t1", "ports_scan", phase="ports", percent=5.0, held_by="A")
+    assert state.get_status("t1")["state"] == "ports_scan"
+    assert state.get_status("t1")["percent"] == "5.0"
+    state.set_status("t1", "service_scan", phase="services", held_by="A")
+    assert "percent" not in state.get_status("t1")  # cleared, as without a lease
+    assert state.requeue_lease("t1", None, 200) == "m"
+    assert state.claim("t1", "B", 60, "m", 5, now=201) == "claimed"
+    state.set_status("t1", "completed", held_by="B", worker="B")
+    state.set_status("t1", "service_scan", phase="services", held_by="A")
+    assert state.get_status("t1")["state"] == "completed"
+    assert state.release("t1", "B")
+    state.set_status("t1", "service_scan", phase="services", held_by="B")
+    assert state.get_status("t1")["state"] == "completed"
+
+
 def test_poison_after_max_attempts(r: redis.Redis, state: RedisStore) -> None:
     now = 0.0
     for attempt in range(1, 4):
@@ -357,7 +396,7 @@ def test_poison_after_max_attempts(r: redis.Redis, state: RedisStore) -> None:
     assert state.expired(10**10) == []
     assert state.claim("t1", "W5", 60, "m", 3, now=now) == "poison"  # still poison, not claimable
     assert state.release("t1", "W5")
-    assert r.keys("fw:*") == []
+    assert r.keys("fw:*") == ["fw:finished:t1"]
 
 
 def test_expired_lease_redelivered_directly_counts_an_attempt(r: redis.Redis, state: RedisStore) -> None:

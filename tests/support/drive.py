@@ -11,7 +11,7 @@ from typing import Any
 from tests.support.tasker import Tasker
 
 # Our documented extension keys, all with TTLs: they outlive a task on purpose.
-EXTENSION_KEYS = ("task:*:status", "fw:delivered:*", "fw:revoked:*", "fw:node:*")
+EXTENSION_KEYS = ("task:*:status", "fw:delivered:*", "fw:revoked:*", "fw:node:*", "fw:finished:*")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> None:

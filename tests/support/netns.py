@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -168,6 +169,59 @@ class _Lab:
         for netns in self.namespaces:
             _delete_netns(netns)  # also removes the veth pair
         _quiet("ip", "link", "del", self.bridge)
+
+
+@contextlib.contextmanager
+def namespace_on(lab: NetnsLab, role: str, letter: str, host: int) -> Iterator[tuple[str, str]]:
+    """A namespace of its own on the lab's bridge, for a worker a test cuts off with nftables inside it:
+    yields (namespace, its address). The host side is reached at `lab.host_ip`."""
+    part = _Lab(f"{PREFIX}{os.getpid()}", int(lab.host_ip.split(".")[2]))
+    try:
+        yield part.add_host(role, letter, host), part.ip(host)
+    finally:
+        for netns in part.namespaces:
+            _delete_netns(netns)
+
+
+class Forwarder:
+    """Pipes TCP from `bind_ip`:`port` to a service on loopback, so that a worker in a namespace reaches the
+    session's Redis, RabbitMQ or fake ScanLedger through the bridge; dropping its packets inside the
+    namespace cuts that worker off alone."""
+
+    def __init__(self, bind_ip: str, port: int, target_port: int) -> None:
+        self.port = port
+        self.target_port = target_port
+        self._server = socket.create_server((bind_ip, port))
+        self._sockets: list[socket.socket] = [self._server]
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True, name=f"forward-{port}").start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _addr = self._server.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                return  # closed (or the service is gone: the client sees its connection drop)
+            with self._lock:
+                self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes the threads blocked on it
+                sock.close()
 
 
 def wait_listening(ip: str, port: int, timeout: float = READY_TIMEOUT) -> None:

@@ -78,6 +78,7 @@ class WorkerProcess:
     log_path: Path
     notify: NotifyReceiver
     args: tuple[str, ...] = ()  # more command-line arguments of `run`
+    prefix: tuple[str, ...] = ()  # runs the worker through this, e.g. ("ip", "netns", "exec", name)
     proc: subprocess.Popen[bytes] | None = None
     exits: list[int] = field(default_factory=list)
 
@@ -98,7 +99,16 @@ class WorkerProcess:
         self.notify.messages.clear()
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "falcoria_worker", "run", "--instance", self.instance, *self.args],
+            [
+                *self.prefix,
+                sys.executable,
+                "-m",
+                "falcoria_worker",
+                "run",
+                "--instance",
+                self.instance,
+                *self.args,
+            ],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

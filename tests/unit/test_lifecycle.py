@@ -123,6 +123,16 @@ TABLE: list[tuple[Stage, dict, Event, dict, Stage, Outcome | None, list[Do]]] = 
      [A.WRITE_DELIVERY, *FINISH]),
     (Stage.PORTS_SCAN, {"lease_lost": True, "stopping": True}, Event.NMAP_KILLED, {}, Stage.ENDED,
      Outcome.TAKEN_OVER, [A.CLEAR_TRACES]),
+    # Fenced: nmap stops at once, and whatever the scan reaches is dropped without a status of ours.
+    (Stage.PORTS_SCAN, {}, Event.FENCED, {"error": "x"}, Stage.PORTS_SCAN, None, [A.STOP_NMAP]),
+    (Stage.RECEIVED, {}, Event.FENCED, {"error": "x"}, Stage.RECEIVED, None, [A.STOP_NMAP]),
+    (Stage.SERVICE_SCAN, {"fence": "fenced: x", "lease_lost": True}, Event.SCANNED, {}, Stage.ENDED,
+     Outcome.TAKEN_OVER, [A.CLEAR_TRACES]),
+    (Stage.SERVICE_SCAN, {"fence": "fenced: x", "lease_lost": True}, Event.CANCELLED, {}, Stage.ENDED,
+     Outcome.TAKEN_OVER, [A.CLEAR_TRACES]),
+    # A report already being stored is left alone: its upload waits for the lease instead.
+    (Stage.SCANNED, {}, Event.FENCED, {"error": "x"}, Stage.SCANNED, None, []),
+    (Stage.LEASED, {}, Event.FENCED, {"error": "x"}, Stage.LEASED, None, []),
 ]  # fmt: skip
 
 
@@ -256,3 +266,13 @@ def test_a_delivered_report_is_never_spooled_again(stage: Stage, events: list) -
         t = step(stored, event, 1.0, **detail)
         assert not t.has(Do.SPOOL_REPORT)
         stored = t.view
+
+
+def test_a_fenced_scan_ends_taken_over_with_the_fence_as_its_reason() -> None:
+    fenced = step(_at(Stage.PORTS_SCAN), Event.FENCED, 1.0, error="lease not renewed for 6 s").view
+    assert fenced.lease_lost and fenced.stop_reason == "fenced: lease not renewed for 6 s"
+    ended = step(fenced, Event.CANCELLED, 2.0, error="cancelled")
+    assert ended.view.outcome is Outcome.TAKEN_OVER
+    assert ended.view.error == "fenced: lease not renewed for 6 s"
+    assert not ended.has(Do.WRITE_STATUS) and not ended.has(Do.SPOOL_REPORT)
+    assert not ended.has(Do.RELEASE_LEASE) and not ended.has(Do.REQUEUE)
