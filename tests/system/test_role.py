@@ -364,9 +364,10 @@ def test_an_upgrade_drains_the_instances_and_lets_their_scans_finish(
         versions[suite] = subprocess.run(
             ["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True, check=True
         ).stdout.strip()
-    # Only the canary takes the scan: the other host's instance is drained by hand first.
-    other = fleet.machines[SECOND].run("falcoria-worker", "drain", "--instance", "1", check=False)
-    assert other.returncode == 0, other.stdout + other.stderr
+    # Only the canary takes the scan: the other host's instances are drained by hand first.
+    for instance in range(1, int(str(config["falcoria_worker_instances"])) + 1):
+        other = fleet.machines[SECOND].run("falcoria-worker", "drain", f"--instance={instance}", check=False)
+        assert other.returncode == 0, other.stdout + other.stderr
     host_vars = {
         name: {**HOST_VARS.get(name, {}), "falcoria_worker_package_version": versions[suite]}
         for name, suite in fleet_mod.RELEASES.items()
@@ -374,8 +375,10 @@ def test_an_upgrade_drains_the_instances_and_lets_their_scans_finish(
     tasker = Tasker(broker, redis_server.client())
     with served_repository(fleet, debs, tmp_path / "repo") as (url, key):
         try:
-            # Its own loopback, probed slowly: the scan outlasts the play's steps before the drain.
+            # The other machine of the fleet, probed slowly: the scan outlasts the play's steps before the
+            # drain.
             task_id = tasker.send_scan(
+                ip=fleet.addresses[SECOND],
                 open_ports_opts="-sT -n -Pn --max-retries 0 --scan-delay 1500ms -p 1-40",
                 open_ports_str="1-40",
                 timeout=900,
@@ -403,7 +406,8 @@ def test_an_upgrade_drains_the_instances_and_lets_their_scans_finish(
     )
     final = status(redis_server, task_id)
     assert final.get("state") == "completed", final
-    log = machine.run("journalctl", "-u", "falcoria-worker@1", "-o", "cat", "--no-pager").stdout
+    unit = f"falcoria-worker@{running['worker'].split('@')[0].removeprefix('worker')}"
+    log = machine.run("journalctl", "-u", unit, "-o", "cat", "--no-pager").stdout
     drained, finished = log.rfind("draining: taking no new scans"), log.rfind("scan finished")
     started = log.rfind(f"falcoria-worker {versions[fleet_mod.RELEASES[CANARY]].replace('+deb13', '')}")
     assert -1 < drained < finished < started, log[-3000:]
