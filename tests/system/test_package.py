@@ -338,12 +338,17 @@ def test_drained_instance_finishes_its_scan_takes_no_new_one_and_resumes(
         box.systemctl("start", other)
 
 
+def _operator(box: harness.Container) -> None:
+    """fw-operator: a user in the service's group, not root."""
+    if box.run("id", "fw-operator", check=False).returncode != 0:
+        box.run("useradd", "--no-create-home", "--groups", "falcoria-worker", "fw-operator")
+
+
 def test_status_for_a_member_of_the_group_without_root(configured: harness.Container) -> None:
     """`falcoria-worker status --json` run by a user in the service's group sees every instance: systemd's
     state and the instance's own status file in /run/falcoria-worker/N (0750 directory, 0640 file)."""
     box = configured
-    if box.run("id", "fw-operator", check=False).returncode != 0:
-        box.run("useradd", "--no-create-home", "--groups", "falcoria-worker", "fw-operator")
+    _operator(box)
     shown = box.run("runuser", "-u", "fw-operator", "--", "falcoria-worker", "status", "--json", check=False)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     rows = {row["instance"]: row for row in json.loads(shown.stdout)}
@@ -390,6 +395,125 @@ def test_reload_applies_a_setting_without_a_restart(configured: harness.Containe
     finally:
         box.run("rm", "-f", conf)
         box.systemctl("reload", unit)
+
+
+def _state(
+    redis_server: RedisServer, task_id: str | None, wanted: set[str], timeout: float
+) -> dict[str, str]:
+    """task:{id}:status once its state is one of `wanted` (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    with redis_server.client() as redis:
+        found = redis.hgetall(f"task:{task_id}:status")
+        while found.get("state") not in wanted and time.monotonic() < deadline:
+            time.sleep(0.2)
+            found = redis.hgetall(f"task:{task_id}:status")
+    return found
+
+
+def test_status_and_reload_while_an_instance_scans(
+    configured: harness.Container, ledger: FakeScanLedger, bridge_services: tuple[RedisServer, RabbitMQ]
+) -> None:
+    """While one instance scans: `status` shows its scan to a member of the group, and a reload of that
+    instance lets the scan complete once on the same process while the next task gets the new settings
+    (here a SCOPE_DENY of the target, so the next task is refused)."""
+    box = configured
+    redis_server, broker = bridge_services
+    target, ports = next(iter(box.lab.targets.items()))
+    uploads = len(ledger.uploads)
+    tasker = Tasker(broker, redis_server.client())
+    scanning = other = ""
+    try:
+        slow = tasker.send_scan(
+            ip=target,
+            project=uuid.UUID(ledger.project),
+            open_ports_opts="-sS -n -Pn --max-retries 0 --scan-delay 500ms -p 1-40",
+            service_opts="-sV --version-intensity 0 -Pn",
+            open_ports_str="1-40",
+        )
+        running = _state(redis_server, slow, {"ports_scan"}, timeout=60)
+        assert running.get("state") == "ports_scan", running
+        instance = running["worker"].split("@")[0].removeprefix("worker")
+        scanning, other = (
+            f"falcoria-worker@{instance}.service",
+            f"falcoria-worker@{3 - int(instance)}.service",
+        )
+        shown = box.run("runuser", "-u", "fw-operator", "--", "falcoria-worker", "status", "--json")
+        rows = {row["instance"]: row for row in json.loads(shown.stdout)}
+        assert [(t["task_id"], t["target"], t["phase"]) for t in rows[instance]["tasks"]] == [
+            (slow, target, "ports_scan")
+        ], rows
+        assert rows[str(3 - int(instance))]["tasks"] == [], rows
+
+        before = box.show(scanning, "MainPID", "InvocationID")
+        conf = f"/etc/falcoria-worker/worker@{instance}.conf"
+        box.write(conf, f"SCOPE_DENY={target}/32\n", mode=0o640)
+        box.run("chgrp", "falcoria-worker", conf)
+        box.systemctl("reload", scanning, check=True)
+        log = _journal_until(box, before["InvocationID"], "configuration reloaded; ")
+        assert "configuration reloaded; changed: SCOPE_DENY" in log, log[-2000:]
+
+        done = _state(redis_server, slow, {"completed", "failed", "cancelled"}, timeout=120)
+        assert done.get("state") == "completed", done
+        _wait_uploads(ledger, uploads + 1)
+        assert len(ledger.uploads) == uploads + 1
+        assert box.show(scanning, "MainPID", "InvocationID") == before
+
+        box.systemctl("stop", other, check=True)  # the next task goes to the reloaded instance
+        refused = tasker.send_scan(
+            ip=target,
+            project=uuid.UUID(ledger.project),
+            open_ports_opts=f"-sS -n -Pn -p {','.join(map(str, sorted(ports)))}",
+            open_ports_str=" ".join(map(str, sorted(ports))),
+        )
+        ended = _state(redis_server, refused, {"completed", "failed"}, timeout=60)
+        assert ended.get("state") == "failed" and "denied" in ended.get("error", ""), ended
+        assert len(ledger.uploads) == uploads + 1
+    finally:
+        tasker.close()
+        if scanning:
+            box.run("rm", "-f", f"/etc/falcoria-worker/worker@{scanning.split('@')[1].split('.')[0]}.conf")
+            box.systemctl("reload", scanning)
+            box.systemctl("start", other)
+
+
+def test_spool_retry_of_a_refused_report(
+    configured: harness.Container, ledger: FakeScanLedger, bridge_services: tuple[RedisServer, RabbitMQ]
+) -> None:
+    """ScanLedger refuses a report for good (its project does not exist yet): the report waits in the
+    instance's spool/failed; once the project exists, `falcoria-worker spool retry --all` as root hands it
+    back to the running instance, which uploads it."""
+    box = configured
+    redis_server, broker = bridge_services
+    target, ports = next(iter(box.lab.targets.items()))
+    project = str(uuid.uuid4())
+    uploads = len(ledger.uploads)
+    tasker = Tasker(broker, redis_server.client())
+    try:
+        task_id = tasker.send_scan(
+            ip=target,
+            project=uuid.UUID(project),
+            open_ports_opts=f"-sS -n -Pn -p {','.join(map(str, sorted(ports)))}",
+            service_opts="-sV --version-intensity 0 -Pn",
+            open_ports_str=" ".join(map(str, sorted(ports))),
+        )
+        ended = _state(redis_server, task_id, {"completed", "failed"}, timeout=120)
+        instance = ended["worker"].split("@")[0].removeprefix("worker")
+        entries: list[dict[str, object]] = []
+        deadline = time.monotonic() + 60
+        while not any(e["state"] == "failed" and e["task_id"] == task_id for e in entries):
+            assert time.monotonic() < deadline, (entries, ledger.rejections)
+            time.sleep(0.5)
+            shown = box.run("falcoria-worker", "spool", "list", "--json", f"--instance={instance}")
+            entries = json.loads(shown.stdout)["entries"]
+        ledger.add_project(project)
+        retried = box.run("falcoria-worker", "spool", "retry", "--all", f"--instance={instance}", check=False)
+        assert retried.returncode == 0, retried.stdout + retried.stderr
+        _wait_uploads(ledger, uploads + 1)
+        assert [u.project for u in ledger.uploads[uploads:]] == [project]
+        after = box.run("falcoria-worker", "spool", "list", "--json", f"--instance={instance}").stdout
+        assert json.loads(after)["entries"] == [], after
+    finally:
+        tasker.close()
 
 
 def test_target_restart_restarts_every_instance(configured: harness.Container) -> None:
