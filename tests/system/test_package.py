@@ -65,6 +65,15 @@ def _wait_state(box: harness.Container, unit: str, states: set[str], timeout: fl
     return props
 
 
+@pytest.fixture(autouse=True)
+def _start_limits_reset(request: pytest.FixtureRequest) -> None:
+    """Every test of the running instances starts with systemd's start-rate count of them at zero: the
+    scenario starts them more often than StartLimitBurst allows within StartLimitIntervalSec, and trixie's
+    systemd keeps that count across daemon-reload."""
+    if "configured" in request.fixturenames:
+        request.getfixturevalue("configured").systemctl("reset-failed", *INSTANCES)
+
+
 # --- installation --------------------------------------------------------------------------------------
 
 
@@ -643,10 +652,6 @@ def test_watchdog_restarts_a_hung_worker(configured: harness.Container) -> None:
     # the Celery imports take seconds there), so only the SIGSTOP makes it fire.
     box.write(dropin, "[Service]\nWatchdogSec=15s\nTimeoutAbortSec=2s\n")
     box.systemctl("daemon-reload", check=True)
-    # The scenario has started this instance several times within StartLimitIntervalSec by now (enable,
-    # target restart, upgrade, reinstall); trixie's systemd keeps that count across daemon-reload, so
-    # the watchdog's restart would hit StartLimitBurst and leave the unit failed. reset-failed zeroes it.
-    box.systemctl("reset-failed", unit, check=True)
     try:
         box.systemctl("restart", unit, check=True)
         other = box.show(INSTANCES[0], "InvocationID", "MainPID")
