@@ -16,7 +16,7 @@ import subprocess
 import tarfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -285,6 +285,29 @@ def _wait_status(box: harness.Container, unit: str, wanted: str, timeout: float)
     return seen
 
 
+def _slow_scan(tasker: Tasker, target: str, project: str) -> str | None:
+    """Closed ports probed slowly: the scan is still running seconds after it started."""
+    return tasker.send_scan(
+        ip=target,
+        project=uuid.UUID(project),
+        open_ports_opts="-sS -n -Pn --max-retries 0 --scan-delay 500ms -p 1-40",
+        service_opts="-sV --version-intensity 0 -Pn",
+        open_ports_str="1-40",
+    )
+
+
+def _quick_scan(tasker: Tasker, target: str, ports: Iterable[int], project: str) -> str | None:
+    """The target's listeners; -sV at intensity 0, as their banners match no probe."""
+    listed = sorted(ports)
+    return tasker.send_scan(
+        ip=target,
+        project=uuid.UUID(project),
+        open_ports_opts=f"-sS -n -Pn --max-retries 1 -p {','.join(map(str, listed))}",
+        service_opts="-sV --version-intensity 0 -Pn",
+        open_ports_str=" ".join(map(str, listed)),
+    )
+
+
 def _wait_uploads(ledger: FakeScanLedger, count: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while len(ledger.uploads) < count and time.monotonic() < deadline:
@@ -304,27 +327,14 @@ def test_drained_instance_finishes_its_scan_takes_no_new_one_and_resumes(
     box.systemctl("stop", other, check=True)  # the drained instance is the only consumer
     tasker = Tasker(broker, redis_server.client())
     try:
-        # Closed ports probed slowly: the scan is still running when the drain arrives.
-        slow = tasker.send_scan(
-            ip=target,
-            project=uuid.UUID(ledger.project),
-            open_ports_opts="-sS -n -Pn --max-retries 0 --scan-delay 500ms -p 1-40",
-            service_opts="-sV --version-intensity 0 -Pn",
-            open_ports_str="1-40",
-        )
+        slow = _slow_scan(tasker, target, ledger.project)
         seen = _wait_status(box, unit, f"scanning {target}", timeout=60)
         assert any(text.startswith(f"scanning {target}") for text in seen), seen
         drained = box.run("falcoria-worker", "drain", "--instance", "1", check=False)
         assert drained.returncode == 0, drained.stdout + drained.stderr
         seen = _wait_status(box, unit, "draining: 1 scan left", timeout=30)
         assert any(text.startswith("draining: 1 scan left") for text in seen), seen
-        waiting = tasker.send_scan(
-            ip=target,
-            project=uuid.UUID(ledger.project),
-            open_ports_opts=f"-sS -n -Pn --max-retries 1 -p {','.join(map(str, sorted(ports)))}",
-            service_opts="-sV --version-intensity 0 -Pn",
-            open_ports_str=" ".join(map(str, sorted(ports))),
-        )
+        waiting = _quick_scan(tasker, target, ports, ledger.project)
         done = box.run("falcoria-worker", "drain", "--instance", "1", "--wait", timeout=180, check=False)
         assert done.returncode == 0 and "drained, no scan left" in done.stdout, done.stdout + done.stderr
         _wait_uploads(ledger, uploads + 1)
@@ -432,13 +442,7 @@ def test_status_and_reload_while_an_instance_scans(
     tasker = Tasker(broker, redis_server.client())
     scanning = other = ""
     try:
-        slow = tasker.send_scan(
-            ip=target,
-            project=uuid.UUID(ledger.project),
-            open_ports_opts="-sS -n -Pn --max-retries 0 --scan-delay 500ms -p 1-40",
-            service_opts="-sV --version-intensity 0 -Pn",
-            open_ports_str="1-40",
-        )
+        slow = _slow_scan(tasker, target, ledger.project)
         running = _state(redis_server, slow, {"ports_scan"}, timeout=60)
         assert running.get("state") == "ports_scan", running
         instance = running["worker"].split("@")[0].removeprefix("worker")
@@ -468,12 +472,7 @@ def test_status_and_reload_while_an_instance_scans(
         assert box.show(scanning, "MainPID", "InvocationID") == before
 
         box.systemctl("stop", other, check=True)  # the next task goes to the reloaded instance
-        refused = tasker.send_scan(
-            ip=target,
-            project=uuid.UUID(ledger.project),
-            open_ports_opts=f"-sS -n -Pn -p {','.join(map(str, sorted(ports)))}",
-            open_ports_str=" ".join(map(str, sorted(ports))),
-        )
+        refused = _quick_scan(tasker, target, ports, ledger.project)
         ended = _state(redis_server, refused, {"completed", "failed"}, timeout=60)
         assert ended.get("state") == "failed" and "denied" in ended.get("error", ""), ended
         assert len(ledger.uploads) == uploads + 1
@@ -498,13 +497,7 @@ def test_spool_retry_of_a_refused_report(
     uploads = len(ledger.uploads)
     tasker = Tasker(broker, redis_server.client())
     try:
-        task_id = tasker.send_scan(
-            ip=target,
-            project=uuid.UUID(project),
-            open_ports_opts=f"-sS -n -Pn -p {','.join(map(str, sorted(ports)))}",
-            service_opts="-sV --version-intensity 0 -Pn",
-            open_ports_str=" ".join(map(str, sorted(ports))),
-        )
+        task_id = _quick_scan(tasker, target, ports, project)
         ended = _state(redis_server, task_id, {"completed", "failed"}, timeout=120)
         instance = ended["worker"].split("@")[0].removeprefix("worker")
         entries: list[dict[str, object]] = []
