@@ -180,6 +180,17 @@ def rootfs_tarball(
     if target.exists():
         return target
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    # Sessions side by side want the same image on a fresh machine: one builds it, the others wait.
+    with (CACHE_DIR / f"{target.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            _build_rootfs(target, packages, suite, timings)
+    return target
+
+
+def _build_rootfs(
+    target: Path, packages: Sequence[str], suite: str, timings: dict[str, float] | None
+) -> None:
     started = time.monotonic()
     _log(f"building {target.name} with mmdebstrap (cache miss)")
     # Written next to the target and renamed: an interrupted build never looks like a cached one.
@@ -203,7 +214,6 @@ def rootfs_tarball(
         partial.unlink(missing_ok=True)
     if timings is not None:
         timings["rootfs build (cold)"] = time.monotonic() - started
-    return target
 
 
 # --- network -------------------------------------------------------------------------------------------
