@@ -7,7 +7,8 @@ broker and Redis up. The last one is left alone for a few seconds, so that start
 then sampled over the window (60 s by default): CPU time of all its threads from /proc/<pid>/stat (in
 clock ticks: 10 ms, so 0.017% of a core over 60 s), context switches summed over /proc/<pid>/task/*
 (voluntary ones are sleeps, so each is one wake-up; involuntary ones are preemptions), and the resident
-set. Worker settings given with `--set KEY=VALUE` apply (events and metrics, once the worker has them).
+set. The lab's workers send task events and write the metrics textfile (bench/lab.py); settings given
+with `--set KEY=VALUE` apply on top.
 """
 
 from __future__ import annotations

@@ -31,13 +31,17 @@ from tests.support.tasker import Tasker
 from tests.support.workerproc import NotifyReceiver, WorkerProcess, worker_env
 
 BENCH_CLIENT = "bench-tasker"
-# Production values where the test helpers use fast timers (tests/support/workerproc.py).
+# Production values where the test helpers use fast timers (tests/support/workerproc.py), and a fleet's
+# observers on: Celery task events (for Flower) and the Prometheus textfile (METRICS_DIR under the lab's
+# root), so that every figure includes what they cost.
 WORKER_SETTINGS = {
     "LOGGER_LEVEL": "INFO",
     "STATS_EVERY": "2s",
     "KILL_GRACE": "2",
     "LEASE_TTL": "60",
+    "WORKER_SEND_TASK_EVENTS": "true",
 }
+METRICS_DIR = "metrics"
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,8 @@ class Lab:
         """A started `falcoria-worker run` instance on this lab's host name, READY unless not `wait_ready`."""
         state_dir = self.root / f"state-{instance}"
         state_dir.mkdir(exist_ok=True)
+        metrics_dir = self.root / METRICS_DIR
+        metrics_dir.mkdir(exist_ok=True)
         sock = self.root / f"notify-{instance}.sock"
         sock.unlink(missing_ok=True)
         env = worker_env(
@@ -135,7 +141,7 @@ class Lab:
             self.ledger,
             hostname=self.hostname,
             state_dir=state_dir,
-            **{**WORKER_SETTINGS, **extra},
+            **{**WORKER_SETTINGS, "METRICS_TEXTFILE_DIR": str(metrics_dir), **extra},
         )
         env["NOTIFY_SOCKET"] = str(sock)
         env["INSTANCE"] = instance
