@@ -244,7 +244,7 @@ def test_scanledger_packets_dropped_during_the_upload_keep_the_report_in_the_spo
 ) -> None:
     """A's packets to and from ScanLedger dropped while its scan ends: the upload of the finished report
     runs into the silence and times out (on the delivery thread: A's loop keeps answering pings and
-    feeding its watchdog), the report waits in A's spool, said so in the log, the task's status
+    feeding its watchdog), the report waits in A's spool, said so in the log, STATUS, the task's status
     (`delivery` pending) and the status file; after healing ScanLedger receives it once."""
     run = Run(tasker, scanledger, redis_server)
     with cut_off_namespace(netns_lab, redis_server, rabbitmq, scanledger) as (netns, reach):
@@ -273,6 +273,7 @@ def test_scanledger_packets_dropped_during_the_upload_keep_the_report_in_the_spo
         timed_out = "spool: ScanLedger unavailable (ScanLedger unreachable: ConnectTimeout"
         wait_until(lambda: timed_out in a.log(), timeout=120, what="A's upload timing out")
         assert "1 pending, next try in" in a.log()
+        waiting = first_status_at(a, lambda text: "1 report spooled: ScanLedger unavailable" in text, cut)
         assert len(list(a.state_dir.glob("spool/pending/*"))) == 1  # kept, not lost
         assert json.loads((a.state_dir / "status.json").read_text())["spool"]["pending"] == 1
         assert run.uploads_per_task()[task_id] == 0  # nothing got through the partition
@@ -286,6 +287,9 @@ def test_scanledger_packets_dropped_during_the_upload_keep_the_report_in_the_spo
         wait_until(
             lambda: run.states()[task_id].get("delivery") == "delivered", timeout=30, what="delivery recorded"
         )
+        first_status_at(a, lambda text: "spooled" not in text, healed)
+        lies = [text for text in statuses_between(a, waiting, healed) if "spooled" not in text]
+        assert lies == [], f"A's STATUS while its report waited: {lies}"
         wait_clean(tasker, redis_server.client())
         time.sleep(2)  # room for a wrong second upload
         run.settle(figures, watch)
