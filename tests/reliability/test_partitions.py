@@ -1,9 +1,14 @@
-"""Case 12: a silent partition. Instance A runs in a network namespace of its own and reaches Redis,
-RabbitMQ and ScanLedger through the lab's bridge; nftables inside that namespace then drops (not refuses)
-its packets to Redis in the middle of a scan, for longer than twice LEASE_TTL. A fences itself (stops nmap,
-keeps no report, says so in its log and STATUS) before its lease can be requeued; instance B requeues the
-expired lease and scans the task; ScanLedger receives the report once; after healing, nothing is lost,
-duplicated or leaked and both instances serve."""
+"""Case 13: silent partitions. Instance A runs in a network namespace of its own and reaches Redis,
+RabbitMQ and ScanLedger through the lab's bridge; nftables inside that namespace drops (not refuses) its
+packets to one of them.
+(a) Redis, mid-scan, for longer than twice LEASE_TTL: A fences itself (stops nmap, keeps no report, says so
+in its log and STATUS) before its lease can be requeued; instance B requeues the expired lease and scans
+the task; ScanLedger receives the report once.
+(b) RabbitMQ, mid-scan, past the AMQP heartbeat: A says so in STATUS and keeps its scan and lease.
+(c) ScanLedger, while the finished report uploads, past SCANLEDGER_TIMEOUT: the upload times out off the
+loop, the report waits in the spool (log, STATUS, status) and arrives once after healing.
+In each, the watchdog is fed throughout, and after healing nothing is lost, duplicated or leaked and the
+instances serve."""
 
 from __future__ import annotations
 
