@@ -80,6 +80,8 @@ class Deliverer(threading.Thread):
         # entry -> (failures, monotonic due, self._accepted at its first failure)
         self._retry: dict[tuple[str, float], tuple[int, float, int]] = {}
         self._delivered: set[tuple[str, float]] = set()  # uploaded, removal pending: never upload again
+        # What the spool is backing off for, until a pass gets through: the loop's STATUS says it.
+        self.problem: str | None = None
 
     def use(self, ledger: ScanLedger, *, backoff_max: float) -> None:
         """A reloaded configuration: the next upload goes through `ledger` (one attribute each, read
@@ -168,6 +170,7 @@ class Deliverer(threading.Thread):
             log.info("spool: task %s delivered (%d IPs)", entry.task_id, len(ips), extra=_fields(entry))
             self._finish(entry, key)
         self._outages = 0
+        self.problem = None
         due = [t for _, t, _ in self._retry.values()]
         if self._delivered or waiting:  # a removal to retry, or an owner to ask again
             due.append(time.monotonic() + self._backoff(1))
@@ -178,6 +181,7 @@ class Deliverer(threading.Thread):
     ) -> tuple[float, bool]:
         self._outages += 1
         wait = self._backoff(self._outages, retry_after)
+        self.problem = f"{pending} report{'' if pending == 1 else 's'} spooled: {what}"
         log.warning("spool: %s (%s); %d pending, next try in %.1f s", what, exc, pending, wait)
         return wait, False
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 from falcoria_worker.lifecycle import (
     Event,
@@ -76,13 +77,21 @@ class JournalFields:
             set_phase(transition.view.phase.value)
 
 
+class HasProblem(Protocol):
+    """A part whose trouble STATUS reports while it lasts."""
+
+    problem: str | None
+
+
 class StatusLine:
     """systemd's STATUS line and the instance's READY/STOPPING. Holds the views of the running tasks:
     written by every thread that applies a transition, read by the loop; a lock guards the dict."""
 
-    def __init__(self, notifier: Notifier, *, note: Callable[[], str | None] = lambda: None) -> None:
+    def __init__(self, notifier: Notifier, *sources: HasProblem | None) -> None:
         self.notifier = notifier
-        self.note = note  # what STATUS keeps saying until it no longer holds (a refused reload)
+        # Their `problem` is what STATUS keeps saying until it no longer holds (a refused reload, a spool
+        # backing off); a missing part (no deliverer without ScanLedger) says nothing.
+        self.sources = [source for source in sources if source is not None]
         self._views: dict[str, TaskView] = {}
         self._lock = threading.Lock()
         self.draining = False
@@ -115,9 +124,9 @@ class StatusLine:
         self.notifier.status("stopping")
 
     def text(self, *, broker_down: str | None, redis_ok: bool, scans: int) -> str:
-        note = self.note()
         line = self._text(broker_down=broker_down, redis_ok=redis_ok, scans=scans)
-        return f"{line}; {note}" if note else line
+        problems = [source.problem for source in self.sources]  # each read once: another thread sets it
+        return "; ".join([line, *(problem for problem in problems if problem)])
 
     def _text(self, *, broker_down: str | None, redis_ok: bool, scans: int) -> str:
         busy = f"; {scans} scan(s) continue" if scans else ""

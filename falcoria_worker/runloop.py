@@ -84,7 +84,7 @@ class Worker:
             store, self.health, nodename=self.identity.nodename, owner=self.identity.owner
         )
         self.requeues = Requeues(settings, store, self.identity)
-        self.status_line = StatusLine(notifier, note=lambda: reloader.problem)
+        self.status_line = StatusLine(notifier, reloader, deliverer)
         self.waker = Waker()  # transitions, scan ends and signals wake the loop (STATUS follows the phases)
         reloader.wake = self.waker.wake
         for observer in (self.recorder, self.requeues, JournalFields(), self.status_line, self.waker):

@@ -154,6 +154,18 @@ def test_connections_refused_then_exactly_one_upload(h: Harness) -> None:
     assert h.spool.pending() == []
 
 
+def test_the_deliverer_says_what_it_backs_off_for_until_a_pass_gets_through(h: Harness) -> None:
+    h.fake.refuse()
+    h.put("task-1")
+    h.put("task-2")
+    deliverer = h.start()
+    wait_until(lambda: deliverer.problem is not None, timeout=WAIT, what="the outage noticed")
+    assert deliverer.problem == "2 reports spooled: ScanLedger unavailable"
+    h.fake.resume()
+    assert [h.results.next()[0] for _ in range(2)] == ["task-1", "task-2"]
+    wait_until(lambda: deliverer.problem is None, timeout=WAIT, what="the outage forgotten")
+
+
 @pytest.mark.parametrize(("status", "how"), [(404, "project"), (422, "mode")])
 def test_permanent_refusal_moves_to_failed_and_is_not_retried(h: Harness, status: int, how: str) -> None:
     token = None

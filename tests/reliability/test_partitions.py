@@ -1,14 +1,20 @@
-"""Case 12: a silent partition. Instance A runs in a network namespace of its own and reaches Redis,
-RabbitMQ and ScanLedger through the lab's bridge; nftables inside that namespace then drops (not refuses)
-its packets to Redis in the middle of a scan, for longer than twice LEASE_TTL. A fences itself (stops nmap,
-keeps no report, says so in its log and STATUS) before its lease can be requeued; instance B requeues the
-expired lease and scans the task; ScanLedger receives the report once; after healing, nothing is lost,
-duplicated or leaked and both instances serve."""
+"""Case 13: silent partitions. Instance A runs in a network namespace of its own and reaches Redis,
+RabbitMQ and ScanLedger through the lab's bridge; nftables inside that namespace drops (not refuses) its
+packets to one of them.
+(a) Redis, mid-scan, for longer than twice LEASE_TTL: A fences itself (stops nmap, keeps no report, says so
+in its log and STATUS) before its lease can be requeued; instance B requeues the expired lease and scans
+the task; ScanLedger receives the report once.
+(b) RabbitMQ, mid-scan, past the AMQP heartbeat: A says so in STATUS and keeps its scan and lease.
+(c) ScanLedger, while the finished report uploads, past SCANLEDGER_TIMEOUT: the upload times out off the
+loop, the report waits in the spool (log, STATUS, status) and arrives once after healing.
+In each, the watchdog is fed throughout, and after healing nothing is lost, duplicated or leaked and the
+instances serve."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import secrets
 import subprocess
 import time
@@ -41,6 +47,8 @@ AMQP_HEARTBEAT = 30.0  # s, broker.connect's
 # A connect to a silent broker holds the loop for two attempts of 5 s: its leases go unrenewed meanwhile,
 # so LEASE_TTL must stay well above that, as the default 60 s does (6 s would fence the scan).
 BROKER_CASE_LEASE_TTL = "30"
+# SCANLEDGER_TIMEOUT of the ScanLedger case: each connect into the dropped packets gives up after it.
+UPLOAD_TIMEOUT = 3
 
 
 def longest_watchdog_gap(worker, start: float, end: float) -> float:
@@ -225,4 +233,76 @@ def test_rabbitmq_packets_dropped_are_noticed_and_the_scan_goes_on(
         for worker in (a, b):
             assert worker.alive() and worker.exits == []
             assert "Traceback" not in worker.log()
+        a.stop()
+
+
+def test_scanledger_packets_dropped_during_the_upload_keep_the_report_in_the_spool(
+    tasker,
+    worker_factory,
+    scanledger,
+    netns_lab,
+    held_service,
+    redis_server,
+    rabbitmq,
+    watch: ProcessWatch,
+    figures: Figures,
+) -> None:
+    """A's packets to and from ScanLedger dropped while its scan ends: the upload of the finished report
+    runs into the silence and times out (on the delivery thread: A's loop keeps answering pings and
+    feeding its watchdog), the report waits in A's spool, said so in the log, STATUS, the task's status
+    (`delivery` pending) and the status file; after healing ScanLedger receives it once."""
+    run = Run(tasker, scanledger, redis_server)
+    with cut_off_namespace(netns_lab, redis_server, rabbitmq, scanledger) as (netns, reach):
+        a = worker_factory(
+            "1",
+            ledger=scanledger,
+            hostname=f"fwpart-a-{secrets.token_hex(2)}",
+            SCANLEDGER_TIMEOUT=str(UPLOAD_TIMEOUT),
+            UPLOAD_BACKOFF_MAX="3",  # the retry after healing comes soon; the count is what is asserted
+            **reach,
+        )
+        a.prefix = ("ip", "netns", "exec", netns)
+        a.env["WATCHDOG_USEC"] = str(WATCHDOG_SEC * 1_000_000)
+        a.start()
+        task_id = run.send(scan_fields(held_service.target, str(HELD_PORT)))
+        wait_until(lambda: task_id in nmap_tasks_of(a).values(), timeout=60, what="A scanning the task")
+
+        cut = time.monotonic()
+        _drop(netns, netns_lab.host_ip, reach["BACKEND_BASE_URL"].rsplit(":", 1)[1])
+        figures.faults["ScanLedger packets dropped past SCANLEDGER_TIMEOUT during the upload"] += 1
+        held_service.release()  # the scan ends; its report's upload meets the dropped packets
+        wait_until(lambda: run.states()[task_id].get("state") == "completed", timeout=60, what="scan ended")
+        assert run.states()[task_id].get("delivery") == "pending", run.states()
+        # The loop is free while the upload hangs on its socket: A answers a Celery ping.
+        wait_until(lambda: a.nodename in tasker.ping(timeout=1.0), timeout=30, what="A answering ping")
+        timed_out = "spool: ScanLedger unavailable (ScanLedger unreachable: ConnectTimeout"
+        wait_until(lambda: timed_out in a.log(), timeout=120, what="A's upload timing out")
+        assert "1 pending, next try in" in a.log()
+        waiting = first_status_at(a, lambda text: "1 report spooled: ScanLedger unavailable" in text, cut)
+        assert len(list(a.state_dir.glob("spool/pending/*"))) == 1  # kept, not lost
+        assert json.loads((a.state_dir / "status.json").read_text())["spool"]["pending"] == 1
+        assert run.uploads_per_task()[task_id] == 0  # nothing got through the partition
+
+        healed = time.monotonic()
+        gap = longest_watchdog_gap(a, cut, healed)
+        figures.notes.append(f"A cut off {healed - cut:.0f} s; longest watchdog gap {gap:.1f} s")
+        assert gap < WATCHDOG_SEC, f"systemd would have restarted A: {gap:.1f} s without WATCHDOG=1"
+        _heal(netns)
+        run.wait_delivered(timeout=120)
+        wait_until(
+            lambda: run.states()[task_id].get("delivery") == "delivered", timeout=30, what="delivery recorded"
+        )
+        first_status_at(a, lambda text: "spooled" not in text, healed)
+        lies = [text for text in statuses_between(a, waiting, healed) if "spooled" not in text]
+        assert lies == [], f"A's STATUS while its report waited: {lies}"
+        wait_clean(tasker, redis_server.client())
+        time.sleep(2)  # room for a wrong second upload
+        run.settle(figures, watch)
+        assert figures.lost == 0 and figures.duplicated == 0, run.uploads_per_task()
+        assert figures.parallel_runs == 0, watch.parallel
+        assert leaked_keys(tasker, redis_server.client()) == []
+        assert list(a.state_dir.glob("spool/pending/*")) == []
+        wait_served(tasker, [a.nodename], redis_server, scan_fields(netns_lab.services, "80"), scanledger)
+        assert a.alive() and a.exits == []
+        assert "Traceback" not in a.log()
         a.stop()

@@ -293,6 +293,21 @@ def test_status_line_says_how_many_scans_are_left_while_draining() -> None:
     assert line.text(broker_down=None, redis_ok=True, scans=1) == "scanning 127.0.0.1: open ports"
 
 
+def test_status_line_keeps_saying_each_part_s_problem_while_it_lasts() -> None:
+    class Part:
+        problem: str | None = None
+
+    reload, spool = Part(), Part()
+    line = StatusLine(Notifier(), reload, None, spool)  # None: an instance without ScanLedger
+    assert line.text(broker_down=None, redis_ok=True, scans=0) == "idle"
+    spool.problem = "1 report spooled: ScanLedger unavailable"
+    reload.problem = "reload refused: SCOPE_DENY"
+    text = line.text(broker_down=None, redis_ok=True, scans=0)
+    assert text == "idle; reload refused: SCOPE_DENY; 1 report spooled: ScanLedger unavailable"
+    spool.problem = reload.problem = None
+    assert line.text(broker_down=None, redis_ok=True, scans=0) == "idle"
+
+
 def test_hub_ticks_its_observers_and_survives_one_that_fails(tmp_path: Path) -> None:
     class Broken:
         def tick(self, now: float) -> None:
