@@ -11,6 +11,8 @@ Layout (SUBNET = 10.250.100.0/24; nothing else is ever scanned):
     netns  fwsys-t1  10.250.100.21   listeners on TARGET_PORTS[...21]
     netns  fwsys-t2  10.250.100.22   listeners on TARGET_PORTS[...22]
 
+Each target's listeners log the source address of every connection they accept (Lab.peers).
+
 The host has no systemd as PID 1 and no machined, so the container is booted with `--register=no
 --keep-unit` and reached with nsenter (not machinectl). Its journal is persistent, so the host can also
 read it with `journalctl -D <root>/var/log/journal`. The host keeps ip_forward=0: the namespaces reach
@@ -243,6 +245,7 @@ class Lab:
     container_netns: str = CONTAINER_NETNS
     targets: dict[str, tuple[int, ...]] = field(default_factory=lambda: dict(TARGET_PORTS))
     _listeners: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
+    _peers_dir: Path | None = field(default=None, repr=False)
 
     @property
     def netns_path(self) -> str:
@@ -256,8 +259,15 @@ class Lab:
             _delete_netns(name)
         sh("ip", "link", "del", BRIDGE, check=False)
 
+    def peers(self, ip: str) -> list[str]:
+        """The source address of every connection the listeners of target `ip` accepted, in order."""
+        assert self._peers_dir is not None, "the lab is not up"
+        log = self._peers_dir / ip
+        return log.read_text().splitlines() if log.exists() else []
+
     def up(self) -> None:
         self.remove_leftovers()
+        peers = self._peers_dir = Path(tempfile.mkdtemp(prefix="fwsys-peers-"))
         sh("ip", "link", "add", BRIDGE, "type", "bridge")
         sh("ip", "addr", "add", f"{self.host_ip}/24", "dev", BRIDGE)
         sh("ip", "link", "set", BRIDGE, "up")
@@ -268,7 +278,7 @@ class Lab:
             name = f"fwsys-t{index}"
             self._attach(name, f"fwsys-v{index}", ip, default_route=False)
             for port in ports:
-                self._listen(name, ip, port)
+                self._listen(name, ip, port, peers / ip)
         self._wait_listeners()
 
     def _attach(self, netns: str, host_end: str, ip: str, *, default_route: bool) -> None:
@@ -281,7 +291,7 @@ class Lab:
         if default_route:
             sh("ip", "-n", netns, "route", "add", "default", "via", self.host_ip)
 
-    def _listen(self, netns: str, ip: str, port: int) -> None:
+    def _listen(self, netns: str, ip: str, port: int, peers: Path) -> None:
         # tests.support.listeners survives the resets of SYN and version scans.
         proc = subprocess.Popen(
             [
@@ -298,6 +308,8 @@ class Lab:
                 str(port),
                 "--banner",
                 f"fwsys {ip}:{port}",
+                "--peers",
+                str(peers),
             ],
             cwd=REPO,
             stdin=subprocess.DEVNULL,
@@ -336,6 +348,8 @@ class Lab:
                 proc.wait(5)
         self._listeners.clear()
         self.remove_leftovers()
+        if self._peers_dir is not None:
+            shutil.rmtree(self._peers_dir, ignore_errors=True)
 
 
 # --- the container -------------------------------------------------------------------------------------

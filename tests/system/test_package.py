@@ -518,6 +518,45 @@ def test_spool_retry_of_a_refused_report(
         tasker.close()
 
 
+def test_each_instance_scans_from_its_own_source_address(
+    configured: harness.Container, ledger: FakeScanLedger, bridge_services: tuple[RedisServer, RabbitMQ]
+) -> None:
+    """Two addresses on the machine's eth0 and SOURCE_ADDRESS per instance in worker@N.conf: each
+    instance's task reaches its target's listeners from that instance's own address."""
+    box = configured
+    redis_server, broker = bridge_services
+    second = f"{box.lab.container_ip.rsplit('.', 1)[0]}.11"
+    addresses = (box.lab.container_ip, second)
+    confs = [f"/etc/falcoria-worker/worker@{n}.conf" for n in (1, 2)]
+    uploads = len(ledger.uploads)
+    harness.sh("ip", "-n", box.lab.container_netns, "addr", "add", f"{second}/24", "dev", "eth0")
+    tasker = Tasker(broker, redis_server.client())
+    try:
+        for conf, address in zip(confs, addresses, strict=True):
+            box.write(conf, f"SOURCE_ADDRESS={address}\n", mode=0o640)
+            box.run("chgrp", "falcoria-worker", conf)
+        box.systemctl("restart", *INSTANCES, check=True, timeout=120)
+        for n, address, (target, ports) in zip((1, 2), addresses, box.lab.targets.items(), strict=True):
+            unit, other = INSTANCES[n - 1], INSTANCES[2 - n]
+            box.systemctl("stop", other, check=True)  # this instance is the only consumer
+            box.systemctl("start", unit, check=True, timeout=120)
+            seen = len(box.lab.peers(target))
+            task_id = _quick_scan(tasker, target, ports, ledger.project)
+            uploads += 1
+            _wait_uploads(ledger, uploads)
+            assert len(ledger.uploads) == uploads, (ledger.rejections, box.journal("-u", unit, "-n", "30"))
+            assert _state(redis_server, task_id, {"completed"}, timeout=30)["worker"].startswith(
+                f"worker{n}@"
+            )
+            # -sV connects from the instance's address; phase 1's raw SYNs never reach accept()
+            assert set(box.lab.peers(target)[seen:]) == {address}, (unit, box.lab.peers(target)[seen:])
+    finally:
+        tasker.close()
+        box.run("rm", "-f", *confs)
+        box.systemctl("restart", *INSTANCES, timeout=120)
+        harness.sh("ip", "-n", box.lab.container_netns, "addr", "del", f"{second}/24", "dev", "eth0")
+
+
 def test_target_restart_restarts_every_instance(configured: harness.Container) -> None:
     before = _invocations(configured)
     assert configured.systemctl("restart", "falcoria-worker.target", timeout=120).returncode == 0
