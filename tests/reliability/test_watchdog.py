@@ -9,8 +9,6 @@ takes the lock, boots, and releases both before tests/system starts."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ from tests.support.drive import status, wait_until
 from tests.support.services import RabbitMQ, RedisServer, service_pair
 from tests.support.tasker import Tasker
 from tests.system import harness
+from tests.system.conftest import deb_for
 
 # The machine fixture builds the package and, on a fresh machine, the rootfs: minutes on 2 busy cores.
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(900)]
@@ -41,27 +40,12 @@ class Machine:
     ledger: FakeScanLedger
 
 
-def _deb() -> Path:
-    given = os.environ.get("FALCORIA_WORKER_DEB")
-    if given:
-        return Path(given)
-    proc = subprocess.run(
-        [str(harness.REPO / "scripts/build-deb")], capture_output=True, text=True, timeout=900, check=False
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"scripts/build-deb failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    deb = Path(proc.stdout.strip().splitlines()[-1])
-    # tests/system's falcoria_deb fixture honours the same variable: one build per session, not two.
-    os.environ["FALCORIA_WORKER_DEB"] = str(deb)
-    return deb
-
-
 @pytest.fixture(scope="module")
 def machine(services_run_dir: Path) -> Iterator[Machine]:
     reason = harness.missing_prerequisite()
     if reason:
         pytest.skip(reason)
-    deb = _deb()
+    deb = deb_for(harness.SUITE)
     with (
         harness.session_lock(),
         harness.booted() as box,

@@ -94,15 +94,37 @@ def _git_env(checkout: Path) -> dict[str, str]:
     return {"GIT_DIR": git_dir, "GIT_WORK_TREE": str(checkout)} if git_dir else {}
 
 
+BUILDING_WAIT = 1200.0  # s: two builds side by side with the suite on a fresh 2-core machine
+
+
+def _built_elsewhere(suite: str) -> Path:
+    """The .deb scripts/test is building in the background: it writes <suite>.rc (exit status) last,
+    after <suite>.deb (stdout, the path on its last line) and <suite>.log (stderr)."""
+    building = Path(os.environ["FALCORIA_WORKER_DEBS"])
+    rc = building / f"{suite}.rc"
+    deadline = time.monotonic() + BUILDING_WAIT
+    while not rc.exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {suite} package from scripts/test after {BUILDING_WAIT:.0f} s ({building})")
+        time.sleep(1)
+    if rc.read_text().split()[0] != "0":
+        log = (building / f"{suite}.log").read_text()
+        pytest.fail(f"scripts/build-deb --dist {suite} failed:\n{log[-4000:]}")
+    return Path((building / f"{suite}.deb").read_text().split()[-1])
+
+
 @functools.cache
 def deb_for(suite: str, version_suffix: str = "") -> Path:
-    """The .deb for `suite`: $FALCORIA_WORKER_DEB (bookworm) or $FALCORIA_WORKER_DEB_TRIXIE, else built once
-    by scripts/build-deb --dist (a release other than the host's builds in its own cached build root).
-    A rebuild with a version suffix is built from deep_checkout()."""
+    """The .deb for `suite`: $FALCORIA_WORKER_DEB (bookworm) or $FALCORIA_WORKER_DEB_TRIXIE; else the one
+    scripts/test builds beside the suite ($FALCORIA_WORKER_DEBS); else built once here by scripts/build-deb
+    --dist (a release other than the host's builds in its own cached build root). A rebuild with a
+    version suffix is built from deep_checkout()."""
     variable = "FALCORIA_WORKER_DEB" if suite == harness.SUITE else f"FALCORIA_WORKER_DEB_{suite.upper()}"
     given = os.environ.get(variable)
     if given and not version_suffix:
         return Path(given)
+    if os.environ.get("FALCORIA_WORKER_DEBS") and not version_suffix:
+        return _built_elsewhere(suite)
     timings, facts = report(suite)
     started = time.monotonic()
     checkout, env, extra = harness.REPO, dict(os.environ), []
