@@ -35,8 +35,10 @@ Measured: every task accounted for exactly once (lost, duplicated, and tasks who
 instances at the same moment, kit.ProcessWatch), Redis keys leaked once the stream stops and the
 instances settle (kit.leaked_keys / wait_clean), and, sampled every few seconds, each instance's
 resident memory, open file descriptors and threads (from /proc; a restarted instance starts a new
-series) and the number of keys in Redis. A series is flat when the median of the last fifth of its
-samples after warm-up (the first WARMUP_SHARE of the run) and before the stream stops is no more than
+series) and the number of keys in Redis. An instance that exits by itself is restarted after RestartSec,
+as systemd's Restart=on-failure does, and each such exit is reported; when anything is reported, the
+worker logs are kept in a directory the report names. A series is flat when the median of the last fifth
+of its samples after warm-up (the first WARMUP_SHARE of the run) and before the stream stops is no more than
 GROWTH above the median of the first fifth; a series with fewer than MIN_SAMPLES such samples is too
 short to judge.
 """
@@ -45,7 +47,9 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -121,10 +125,13 @@ class Sampler(threading.Thread):
         self.workers, self.r, self.every = workers, r, every
         self.series: dict[tuple[str, int], list[tuple[float, dict[str, int]]]] = {}
         self.keys: list[tuple[float, int]] = []
+        self.exits: list[str] = []
+        self.lock = threading.Lock()  # held by whoever stops, kills or starts an instance
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.wait(self.every):
+            self.supervise()
             now = time.monotonic()
             for worker in list(self.workers):
                 if worker.alive():
@@ -134,9 +141,22 @@ class Sampler(threading.Thread):
             with contextlib.suppress(redis.RedisError):
                 self.keys.append((now, int(self.r.dbsize())))  # type: ignore[arg-type]
 
+    def supervise(self) -> None:
+        """systemd's Restart=on-failure: an instance that exited by itself (not stopped or killed by a
+        fault, which hold `lock`) starts again after RestartSec; each such exit is a finding."""
+        with self.lock:
+            for worker in self.workers:
+                proc = worker.proc
+                if proc is not None and proc.poll() is not None:
+                    worker.exits.append(proc.returncode)
+                    worker.proc = None
+                    self.exits.append(f"instance {worker.instance} exited by itself with {proc.returncode}")
+                    time.sleep(RESTART_SEC)
+                    worker.start()
+
     def stop(self) -> None:
         self._halt.set()
-        self.join(10)
+        self.join(60)
 
 
 class Stream(threading.Thread):
@@ -178,14 +198,16 @@ class Soak:
     rng: random.Random
     hold: float
     clocks: dict[str, Path]
+    owner: threading.Lock  # the supervisor's: a fault's stop or kill is not an exit of its own
     notes: list[str] = field(default_factory=list)
 
     def sigkill(self) -> None:
         worker = self.rng.choice(self.workers)
-        worker.kill()
-        worker.cleanup_nmap()
-        time.sleep(RESTART_SEC)
-        worker.start()
+        with self.owner:
+            worker.kill()
+            worker.cleanup_nmap()
+            time.sleep(RESTART_SEC)
+            worker.start()
 
     def redis_restart(self) -> None:
         with self.stream.paused():
@@ -217,7 +239,7 @@ class Soak:
 
     def memory_alarm(self) -> None:
         worker = self.rng.choice(self.workers)
-        with self.stream.paused():
+        with self.owner, self.stream.paused():
             self.lab.rabbitmq.rabbitmqctl("set_vm_memory_high_watermark", "0")
             try:
                 time.sleep(self.hold / 2)
@@ -231,7 +253,7 @@ class Soak:
                 time.sleep(self.hold / 2)
             finally:
                 self.lab.rabbitmq.rabbitmqctl("set_vm_memory_high_watermark", "0.4")
-        worker.start()
+            worker.start()
 
     def clock_jump(self) -> None:
         instance = self.rng.choice(sorted(self.clocks))
@@ -294,7 +316,7 @@ def soak(
     sampler = Sampler(workers, lab.redis.client(socket_timeout=1), min(SAMPLE_EVERY, max(seconds / 100, 0.5)))
     stream = Stream(lab, run, SEND_EVERY)
     hold = min(HOLD_MAX, every / 3)
-    faults = Soak(lab, workers, stream, rng, hold, clocks)
+    faults = Soak(lab, workers, stream, rng, hold, clocks, sampler.lock)
     for thread in (watch, sampler, stream):
         thread.start()
     began = time.monotonic()
@@ -323,12 +345,7 @@ def soak(
     sampler.stop()
     watch.stop()
     run.settle(figures, watch)
-    notes.extend(f"leaked: {key}" for key in leaked_keys(lab.tasker, r))
-    for worker in workers:
-        if not worker.alive():
-            notes.append(f"instance {worker.instance} is not running at the end")
-        if "Traceback" in worker.log():
-            notes.append(f"instance {worker.instance} logged a Traceback ({worker.log_path})")
+    notes.extend(_findings(lab, workers, sampler, r, keep=bool(notes)))
     return Outcome(
         seed,
         seconds,
@@ -342,6 +359,26 @@ def soak(
         stream.failed,
         notes,
     )
+
+
+def _findings(
+    lab: Lab, workers: list[WorkerProcess], sampler: Sampler, r: redis.Redis, *, keep: bool
+) -> list[str]:
+    """Exits, leaked keys, instances down or with a Traceback; the logs kept when there is any (or when
+    `keep`: a task was not delivered)."""
+    notes = list(sampler.exits)
+    notes.extend(f"leaked: {key}" for key in leaked_keys(lab.tasker, r))
+    for worker in workers:
+        if not worker.alive():
+            notes.append(f"instance {worker.instance} is not running at the end")
+        if "Traceback" in worker.log():
+            notes.append(f"instance {worker.instance} logged a Traceback")
+    if notes or keep:  # the lab's root goes with the lab: keep what the findings are read from
+        kept = Path(tempfile.mkdtemp(prefix="falcoria-soak-logs-"))
+        for worker in workers:
+            shutil.copy(worker.log_path, kept)
+        notes.append(f"worker logs kept in {kept}")
+    return notes
 
 
 def _log_lines(workers: list[WorkerProcess], run: Run, per_task: int = 6) -> list[str]:
