@@ -1,8 +1,9 @@
 """`python -m bench [--quick] [--no-record] [options] [NAME...]`: run benchmarks in one lab.
 
 Each prints its figures; unless --no-record, all results are appended to docs/benchmarks.md in one
-dated section, and figures (the sweep's) are written next to it. Without a NAME all run but the sweep,
-which takes up to 45 minutes and runs only when named. SIGTERM and Ctrl-C stop the run and still tear
+dated section, and figures (the sweep's) are written next to it; the soak goes to docs/reliability.md
+instead. Without a NAME all run but the sweep (up to 45 minutes) and the soak (an hour), which run only
+when named. SIGTERM and Ctrl-C stop the run and still tear
 the lab down (services, namespaces, workers, nmap).
 """
 
@@ -14,9 +15,9 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from bench import cancel, idle, large, observers, overhead, parse_bench, scaling, sweep, tracking
+from bench import cancel, idle, large, observers, overhead, parse_bench, scaling, soak, sweep, tracking
 from bench.lab import Lab, load_average
-from bench.report import RESULTS, Options, Result, append, header
+from bench.report import RELIABILITY, RESULTS, Options, Result, append, header
 
 BENCHMARKS: dict[str, Callable[[Lab, Options], Result]] = {
     "overhead": lambda lab, o: overhead.run(lab, o.quick),
@@ -28,8 +29,10 @@ BENCHMARKS: dict[str, Callable[[Lab, Options], Result]] = {
     "tracking": tracking.run,
     "sweep": sweep.run,
     "observers": lambda lab, o: observers.run(lab, o.quick),
+    "soak": soak.run,
 }
-ONLY_WHEN_NAMED = {"sweep"}
+ONLY_WHEN_NAMED = {"sweep", "soak"}
+RECORDED_IN = {"soak": RELIABILITY}  # any other result goes to RESULTS
 
 
 def _instances(text: str) -> tuple[int, ...]:
@@ -59,10 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         "names", nargs="*", metavar="NAME", help=f"any of {', '.join(BENCHMARKS)} (default all)"
     )
     parser.add_argument("--quick", action="store_true", help="small smoke version of each benchmark")
-    parser.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
+    parser.add_argument("--no-record", action="store_true", help="print only: append nothing to docs/")
     parser.add_argument("--addresses", type=int, help="sweep: addresses per round (1..1024)")
     parser.add_argument("--instances", type=_instances, default=(), help="sweep: instance counts, e.g. 1,2")
-    parser.add_argument("--seconds", type=float, help="idle: length of the sample (default 60)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        help="idle: length of the sample (default 60); soak: length of the run (default 3600)",
+    )
     parser.add_argument(
         "--set",
         type=_setting,
@@ -109,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             lab.reset()
     if not args.no_record:
-        append(results, head)
-        print("appended to docs/benchmarks.md")
+        for path in {RECORDED_IN.get(r.name, RESULTS) for r in results}:
+            append([r for r in results if RECORDED_IN.get(r.name, RESULTS) == path], head, path)
+            print(f"appended to {path.relative_to(RESULTS.parents[1])}")
     return 1 if failed else 0
 
 

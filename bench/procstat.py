@@ -83,3 +83,13 @@ def _field(status: str, name: str) -> str:
 
 def mib(kib: int) -> str:
     return f"{kib / 1024:.1f} MiB"
+
+
+def resources(pid: int) -> dict[str, int]:
+    """What a long run watches for leaks: resident memory (KiB), open file descriptors and threads."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {
+        "rss": int(_field(status, "VmRSS").split()[0]),
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+        "threads": int(_field(status, "Threads")),
+    }

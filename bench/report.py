@@ -13,6 +13,7 @@ from bench.lab import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "benchmarks.md"
+RELIABILITY = ROOT / "docs" / "reliability.md"  # where the soak is recorded, next to the fault cases
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class Options:
     quick: bool = False
     addresses: int | None = None  # sweep: addresses per round (default: by instance count)
     instances: tuple[int, ...] = ()  # sweep: instance counts (default 1, 2, 4, 8)
-    seconds: float | None = None  # idle: length of the sample
+    seconds: float | None = None  # idle: length of the sample; soak: length of the run
     plot_dir: Path | None = None  # where figures go (docs/ when the run is recorded), None: no figures
     settings: dict[str, str] = field(default_factory=dict)  # extra worker settings (idle, tracking)
 
@@ -127,13 +128,14 @@ def header() -> str:
     )
 
 
-def append(results: Sequence[Result], head: str) -> None:
-    """Append one section with every result of this run to docs/benchmarks.md, under `head` (header()
-    taken when the run started: the commit measured, not whatever HEAD is by the end)."""
-    if not RESULTS.exists():
-        RESULTS.write_text(INTRO)
+def append(results: Sequence[Result], head: str, path: Path = RESULTS) -> None:
+    """Append one section with every result of this run to `path` (docs/benchmarks.md unless a result
+    belongs elsewhere), under `head` (header() taken when the run started: the commit measured, not
+    whatever HEAD is by the end)."""
+    if not path.exists():
+        path.write_text(INTRO)
     text = "\n" + head + "\n" + "\n".join(r.markdown() for r in results)
-    with RESULTS.open("a", encoding="utf-8") as out:
+    with path.open("a", encoding="utf-8") as out:
         out.write(text)
 
 

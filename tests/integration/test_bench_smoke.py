@@ -1,5 +1,6 @@
 """Smoke runs of the fleet-scale benchmarks through their own code (bench/): a 16-address sweep with one
-instance against bare nmap, a 10 s idle sample, and the tracking wait with one task per delay.
+instance against bare nmap, a 10 s idle sample, the tracking wait with one task per delay, and a 25 s
+soak of two instances with two faults.
 
 They keep the benchmarks' code paths working; what they assert is that every report was uploaded exactly
 once and that each figure was produced, never how fast anything was (timing targets live in bench/).
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench import idle, sweep, tracking
+from bench import idle, soak, sweep, tracking
 from bench.lab import Lab
 from bench.report import Options
 from tests.support import netns
@@ -98,3 +99,27 @@ def test_tracking_wait_counts_the_commands_of_every_task(lab: Lab) -> None:
     for row in result.rows:
         assert int(row[2]) > 0  # the task's own commands were seen, whatever the delay
     assert len(lab.ledger.uploads) == 1 + len(tracking.DELAYS)  # the warm-up and one per delay
+
+
+def test_soak_accounts_for_every_task_and_produces_every_figure(lab: Lab) -> None:
+    outcome = soak.soak(
+        lab, seconds=25, every=10, instances=2, kinds=("SIGKILL instance", "ScanLedger outage")
+    )
+    result = soak.report(outcome)
+
+    figures = outcome.figures
+    assert sum(figures.faults.values()) == 2
+    assert figures.tasks > 0
+    assert (figures.lost, figures.duplicated, figures.parallel_runs, figures.leaked_keys) == (0, 0, 0, 0)
+    assert outcome.notes == []
+    # A series per process (a SIGKILLed instance comes back as a new one) and one of Redis keys, each
+    # with samples of every instance and of Redis.
+    assert len(result.rows) == len(outcome.series) + 1
+    assert {instance for instance, _pid in outcome.series} == {"1", "2"}
+    assert int(result.rows[-1][1]) > 0
+    assert [text for text, _measured, _met in result.goals][:2] == [
+        "every task accounted for exactly once",
+        "no Redis key leaked after the instances settle",
+    ]
+    assert all(met for _text, _measured, met in result.goals[:2])
+    assert f"seed {outcome.seed}" in result.markdown()

@@ -29,6 +29,7 @@ from tests.support.tasker import Tasker
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 # nmap's argv carries its work directory: <STATE_DIR>/work/<task id>/phase<N>/...
 _WORKDIR = re.compile(rb"(/[^\0]*)/work/([^/\0]+)/phase")
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
 
 
 @dataclass
@@ -50,9 +51,26 @@ class Figures:
         return ", ".join(f"{n} {what}" for what, n in sorted(self.faults.items())) or "none"
 
 
+def faked_clock(offset_file: Path) -> dict[str, str]:
+    """The environment that gives one worker process a wall clock of its own (libfaketime), stepped by
+    writing an offset such as "+1h" to `offset_file`; its monotonic clock stays true."""
+    offset_file.write_text("+0\n")
+    return {
+        "LD_PRELOAD": str(LIBFAKETIME),
+        "FAKETIME_TIMESTAMP_FILE": str(offset_file),
+        "FAKETIME_NO_CACHE": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
+
+
+def run_seed() -> int:
+    """The seed of a run's random choices: FW_RELIABILITY_SEED replays a run whose seed is reported."""
+    return int(os.environ.get("FW_RELIABILITY_SEED") or random.SystemRandom().randrange(1 << 32))
+
+
 def seeded_random(figures: Figures) -> random.Random:
-    """Random fault moments, reproducible: FW_RELIABILITY_SEED replays a run whose seed is reported."""
-    seed = int(os.environ.get("FW_RELIABILITY_SEED") or random.SystemRandom().randrange(1 << 32))
+    """Random fault moments, reproducible (run_seed), the seed noted in the figures."""
+    seed = run_seed()
     figures.notes.append(f"seed {seed}")
     return random.Random(seed)
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.kit import (
+    LIBFAKETIME,
     Figures,
     ProcessWatch,
     Run,
+    faked_clock,
     leaked_keys,
     nmap_tasks_of,
     paced_scan,
@@ -27,20 +29,9 @@ from tests.support.drive import scan_fields, wait_until
 pytestmark = pytest.mark.reliability
 
 TASKS = 12
-LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
 # Each step holds for longer than LEASE_TTL (6 s here), so heartbeats and sweeps of both instances run
 # inside it.
 HOLD = 8.0
-
-
-def faked_clock(offset_file: Path) -> dict[str, str]:
-    offset_file.write_text("+0\n")
-    return {
-        "LD_PRELOAD": str(LIBFAKETIME),
-        "FAKETIME_TIMESTAMP_FILE": str(offset_file),
-        "FAKETIME_NO_CACHE": "1",
-        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-    }
 
 
 def stamped_ahead(run: Run, nodename: str) -> bool:
