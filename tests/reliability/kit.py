@@ -8,9 +8,12 @@ Every task of a case gets its own ScanLedger project, so an upload names its tas
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import re
+import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -51,12 +54,30 @@ class Figures:
         return ", ".join(f"{n} {what}" for what, n in sorted(self.faults.items())) or "none"
 
 
+MONOTONIC_SLEEP = Path(__file__).with_name("monotonic_sleep.c")
+
+
+def monotonic_sleep_shim() -> Path:
+    """monotonic_sleep.c built once per version of its source (gcc, from the test dependencies)."""
+    source = MONOTONIC_SLEEP.read_bytes()
+    digest = hashlib.sha256(source).hexdigest()[:12]
+    shim = Path(tempfile.gettempdir()) / f"falcoria-worker-monotonic-sleep-{digest}.so"
+    if not shim.exists():
+        partial = shim.with_name(f"{shim.name}.{os.getpid()}")
+        subprocess.run(
+            ["gcc", "-shared", "-fPIC", "-O2", "-o", str(partial), str(MONOTONIC_SLEEP), "-ldl"], check=True
+        )
+        partial.rename(shim)
+    return shim
+
+
 def faked_clock(offset_file: Path) -> dict[str, str]:
     """The environment that gives one worker process a wall clock of its own (libfaketime), stepped by
-    writing an offset such as "+1h" to `offset_file`; its monotonic clock stays true."""
+    writing an offset such as "+1h" to `offset_file`; its monotonic clock stays true, and so do its
+    sleeps on it (monotonic_sleep.c, preloaded first)."""
     offset_file.write_text("+0\n")
     return {
-        "LD_PRELOAD": str(LIBFAKETIME),
+        "LD_PRELOAD": f"{monotonic_sleep_shim()} {LIBFAKETIME}",
         "FAKETIME_TIMESTAMP_FILE": str(offset_file),
         "FAKETIME_NO_CACHE": "1",
         "FAKETIME_DONT_FAKE_MONOTONIC": "1",
