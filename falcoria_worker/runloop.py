@@ -303,9 +303,10 @@ class Worker:
         except redis.RedisError as exc:
             # Without Redis nothing can be recorded: give the message back and stop taking work.
             log.warning("Redis unavailable while accepting a task (%s); message requeued", describe(exc))
-            message.requeue()
+            # Consuming stops first: requeued before, it would come back inside basic.cancel, re-entrantly.
             self.health.ok = False
             self._update_consumption()
+            message.requeue()
         except Exception as exc:
             if self.link.is_connection_error(exc):
                 raise
