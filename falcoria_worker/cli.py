@@ -75,7 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("check", parents=[common], help="verify config, nmap, raw sockets and the peers")
     sub.add_parser("config", parents=[common], help="print the effective settings (secrets masked)")
-    sub.add_parser("register-ip", parents=[common], help="write this host's IP to Redis for Tasker")
+    register = sub.add_parser(
+        "register-ip", parents=[common], help="write this worker's IP to Redis for Tasker"
+    )
+    register.add_argument(
+        "--forget-host",
+        action="store_true",
+        help="also delete the bare host's worker:HOSTNAME key (no instance with SOURCE_ADDRESS refreshes it)",
+    )
     spoolctl.add_parser(sub, common)
     status = sub.add_parser("status", help="every instance on this host: state, scans, spool, last error")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -356,7 +363,7 @@ def _config(loaded: object) -> int:
     return 0
 
 
-def _register_ip(_args: argparse.Namespace, settings: Settings) -> int:
+def _register_ip(args: argparse.Namespace, settings: Settings) -> int:
     import redis
 
     from falcoria_worker.redis_store import RedisStore, redis_client
@@ -366,12 +373,23 @@ def _register_ip(_args: argparse.Namespace, settings: Settings) -> int:
     if ip is None:
         print("no IP found: set WORKER_IP (there is no default route)", file=sys.stderr)
         return 1
+    forget = args.forget_host and settings.machine_hostname != settings.hostname
+    if args.forget_host and not forget:
+        print(
+            "--forget-host: this instance is the bare host (no SOURCE_ADDRESS); its key is kept",
+            file=sys.stderr,
+        )
+        return 1
     try:
-        RedisStore(redis_client(settings), settings.hostname, status_ttl=settings.status_ttl).register_ip(ip)
+        store = RedisStore(redis_client(settings), settings.hostname, status_ttl=settings.status_ttl)
+        store.register_ip(ip)
+        forgotten = store.forget_worker(settings.machine_hostname) if forget else False
     except redis.RedisError as exc:
         print(f"Redis: {exc}", file=sys.stderr)
         return 1
     print(f"worker:{settings.hostname} ip={ip}")
+    if forgotten:
+        print(f"worker:{settings.machine_hostname} deleted")
     return 0
 
 

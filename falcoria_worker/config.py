@@ -59,6 +59,8 @@ class Settings:
     upload_backoff_max: float
     # Identity.
     instance: str
+    # The worker name: the host part of the Celery node name and of every Redis key and field naming this
+    # worker. It is HOSTNAME, or `<HOSTNAME>-<INSTANCE>` when SOURCE_ADDRESS is set (see worker_name()).
     hostname: str
     node_name: str
     state_dir: Path
@@ -98,6 +100,9 @@ class Settings:
     logger_name: str
     # Keys that were given but are not settings (typos, settings of other programs), sorted.
     unknown_keys: tuple[str, ...] = ()
+    # HOSTNAME as configured, before worker_name(): the bare host's own `worker:` key, which a host whose
+    # instances all have a SOURCE_ADDRESS no longer refreshes, is named by it.
+    machine_hostname: str = ""
 
 
 # --- the table: key -> (text default, check). Order = Settings field order (a unit test holds them equal).
@@ -242,7 +247,19 @@ def parse(values: Mapping[str, str]) -> Settings:
     for service in ("RABBITMQ", "REDIS"):
         _check_client_certificate(service, typed)
     typed["unknown_keys"] = tuple(sorted(set(values) - set(_KEYS)))
+    typed["machine_hostname"] = typed["hostname"]
+    typed["hostname"] = worker_name(str(typed["hostname"]), str(typed["instance"]), typed["source_address"])
     return Settings(**typed)  # type: ignore[arg-type]
+
+
+def worker_name(hostname: str, instance: str, source_address: object) -> str:
+    """The name this instance registers and answers Celery pings under.
+
+    An instance that sends from an address of its own registers that address under a name of its own, so
+    Tasker lists one worker per address; the others keep the bare host name, as upstream workers do.
+    Tasker's liveness loop refreshes `worker:{the part after @}` from ping replies, so the node name, the
+    worker key and the running entries must all carry this same name."""
+    return f"{hostname}-{instance}" if source_address else hostname
 
 
 def _check_client_certificate(service: str, typed: Mapping[str, object]) -> None:

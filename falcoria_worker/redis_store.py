@@ -240,6 +240,11 @@ class RedisStore:
     def register_ip(self, ip: str) -> None:
         self.r.hset(keys.worker_key(self.hostname), mapping={"ip": ip, "last_updated": int(time.time())})
 
+    def forget_worker(self, name: str) -> bool:
+        """Delete another name's worker key (the bare host's, once its instances register names of their
+        own); True if there was one."""
+        return bool(self.r.delete(keys.worker_key(name)))
+
     # ------------------------------------------------------------------ status (extension)
 
     def set_status(

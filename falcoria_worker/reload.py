@@ -37,6 +37,7 @@ RESTART_KEYS: frozenset[str] = frozenset(
         "WORKER_SERVICE_BROADCAST_QUEUE",
         "INSTANCE",
         "HOSTNAME",
+        "SOURCE_ADDRESS",  # it decides the worker's name (config.worker_name())
         "NODE_NAME",
         "STATE_DIR",
         "CONCURRENCY",  # the size of the scan thread pool

@@ -119,7 +119,8 @@ SECTIONS: tuple[Section, ...] = (
             (
                 "HOSTNAME",
                 "This scanner's name in Redis keys and in the Celery node name. Empty = the machine's host"
-                " name. Tasker's liveness check needs it to match Celery's.",
+                " name. Tasker's liveness check needs it to match Celery's. An instance with a"
+                " SOURCE_ADDRESS is named `<HOSTNAME>-<INSTANCE>` instead, in all of them.",
             ),
             ("NODE_NAME", "Celery node name, `NODE_NAME@HOSTNAME`. Empty = `worker<INSTANCE>`."),
             (
@@ -129,13 +130,15 @@ SECTIONS: tuple[Section, ...] = (
             ),
             (
                 "WORKER_IP",
-                "IP address registered in Redis for Tasker. Empty = the source address of the default route.",
+                "IP address registered in Redis for Tasker. Empty = SOURCE_ADDRESS when set, else the source"
+                " address of the default route.",
             ),
             (
                 "SOURCE_ADDRESS",
                 "Address nmap sends this instance's scans from (nmap -S), for hosts with several addresses:"
                 " set it per instance, in /etc/falcoria-worker/worker@<INSTANCE>.conf. It must be an address"
-                " of this host; tasks of the other address family are refused. Empty = the kernel chooses.",
+                " of this host; tasks of the other address family are refused. The instance then registers"
+                " this address under the worker name `<HOSTNAME>-<INSTANCE>`. Empty = the kernel chooses.",
             ),
             (
                 "IP_ECHO_URL",

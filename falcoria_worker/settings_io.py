@@ -365,4 +365,16 @@ def load(
 
 def describe(loaded: LoadedSettings) -> list[tuple[str, str, str]]:
     """(KEY, value as shown, source) for every setting; secrets are "***", or "(unset)" when empty."""
-    return [(key, config.shown_value(loaded.settings, key), loaded.sources[key]) for key in config.KNOWN_KEYS]
+    settings = loaded.settings
+    rows = [(key, config.shown_value(settings, key), loaded.sources[key]) for key in config.KNOWN_KEYS]
+    if settings.hostname != settings.machine_hostname:
+        # HOSTNAME is shown as the worker name in use; the source says where the suffix comes from.
+        rows = [
+            (
+                key,
+                value,
+                f"{source}, + -{settings.instance} as SOURCE_ADDRESS is set" if key == "HOSTNAME" else source,
+            )
+            for key, value, source in rows
+        ]
+    return rows

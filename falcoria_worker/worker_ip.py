@@ -128,10 +128,12 @@ def echo_ip(url: str, timeout: float) -> str:
 
 
 def current_ip(settings: Settings) -> str | None:
-    """The IP Tasker shows for this worker: configured, else the operator's echo URL, else the local
-    source address of the default route. Never a third-party service."""
+    """The IP Tasker shows for this worker: configured, else the address nmap sends from, else the
+    operator's echo URL, else the local source address of the default route. Never a third-party service."""
     if settings.worker_ip:
         return str(settings.worker_ip)
+    if settings.source_address:
+        return str(settings.source_address)
     if settings.ip_echo_url:
         try:
             return echo_ip(settings.ip_echo_url, timeout=5.0)

@@ -131,3 +131,21 @@ def test_register_ip_writes_the_worker_key(redis_server, rabbitmq, tmp_path: Pat
     proc = cli("register-ip", env=env)
     assert proc.returncode == 0, proc.stderr
     assert redis_server.client().hget("worker:fwtest-cli", "ip") == "203.0.113.9"
+
+
+def test_an_instance_with_a_source_address_registers_it_under_its_own_name(
+    redis_server, rabbitmq, tmp_path: Path
+) -> None:
+    client = redis_server.client()
+    client.hset("worker:fwtest-src", mapping={"ip": "192.0.2.1"})
+    env = peer_env(redis_server, rabbitmq, tmp_path, HOSTNAME="fwtest-src", SOURCE_ADDRESS="203.0.113.7")
+    first = cli("register-ip", "--instance", "2", "--forget-host", env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "worker:fwtest-src-2 ip=203.0.113.7\nworker:fwtest-src deleted\n"
+    assert client.hget("worker:fwtest-src-2", "ip") == "203.0.113.7"
+    assert not client.exists("worker:fwtest-src")
+    again = cli("register-ip", "--instance", "2", "--forget-host", env=env)
+    assert (again.returncode, again.stdout) == (0, "worker:fwtest-src-2 ip=203.0.113.7\n")
+    shown = cli("config", "--instance", "2", env=env).stdout
+    assert "HOSTNAME" in shown and "= fwtest-src-2    # env, + -2 as SOURCE_ADDRESS is set" in shown
+    client.delete("worker:fwtest-src-2")

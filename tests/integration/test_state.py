@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from falcoria_worker import keys
+from falcoria_worker import config, keys
 from falcoria_worker.model import ScanTask, parse_task
 from falcoria_worker.redis_store import RedisStore
 from tests.support.services import RedisServer
@@ -152,6 +152,19 @@ def test_running_entry_is_taskers_running_nmap_target(r: redis.Redis, state: Red
     ]
     assert r.type(f"running:task:{task_id}:host:{HOST}") == "list"
     assert r.ttl(f"running:task:{task_id}:host:{HOST}") == -1
+
+
+def test_an_instance_with_a_source_address_names_itself_in_its_entries(r: redis.Redis) -> None:
+    settings = config.parse({"HOSTNAME": HOST, "INSTANCE": "2", "SOURCE_ADDRESS": "203.0.113.7"})
+    state, task_id = RedisStore(r, settings.hostname, status_ttl=STATUS_TTL), str(uuid.uuid4())
+    state.register_ip("203.0.113.7")
+    state.mark_running(task_id, make_task(), started_at=1_700_000_123)
+    state.set_pid(task_id, 4242)
+    (entry,) = r.lrange(f"running:task:{task_id}:host:{HOST}-2", 0, -1)
+    assert json.loads(entry)["worker"] == f"{HOST}-2"
+    assert r.hget(f"worker:{HOST}-2", "ip") == "203.0.113.7"
+    assert r.hget(f"running_tool:nmap:{HOST}-2", task_id) == "4242"
+    assert not r.exists(f"worker:{HOST}")
 
 
 def test_pid_is_written_where_upstream_cancel_reads_it(r: redis.Redis, state: RedisStore) -> None:

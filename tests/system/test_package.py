@@ -526,11 +526,15 @@ def test_each_instance_scans_from_its_own_source_address(
     configured: harness.Container, ledger: FakeScanLedger, bridge_services: tuple[RedisServer, RabbitMQ]
 ) -> None:
     """Two addresses on the machine's eth0 and SOURCE_ADDRESS per instance in worker@N.conf: each
-    instance's task reaches its target's listeners from that instance's own address."""
+    instance's task reaches its target's listeners from that instance's own address, and each instance is
+    the worker `<host name>-<N>` (its node name, its status entries) registered in Redis with its address."""
     box = configured
     redis_server, broker = bridge_services
     second = f"{box.lab.container_ip.rsplit('.', 1)[0]}.11"
     addresses = (box.lab.container_ip, second)
+    # HOSTNAME's default is the machine's host name (the kernel's, in the container's UTS namespace).
+    host = box.run("cat", "/proc/sys/kernel/hostname").stdout.strip()
+    names = [f"{host}-{n}" for n in (1, 2)]
     confs = [f"/etc/falcoria-worker/worker@{n}.conf" for n in (1, 2)]
     uploads = len(ledger.uploads)
     harness.sh("ip", "-n", box.lab.container_netns, "addr", "add", f"{second}/24", "dev", "eth0")
@@ -549,16 +553,22 @@ def test_each_instance_scans_from_its_own_source_address(
             uploads += 1
             _wait_uploads(ledger, uploads)
             assert len(ledger.uploads) == uploads, (ledger.rejections, box.journal("-u", unit, "-n", "30"))
-            assert _state(redis_server, task_id, {"completed"}, timeout=30)["worker"].startswith(
-                f"worker{n}@"
-            )
+            status = _state(redis_server, task_id, {"completed"}, timeout=30)
+            assert status["worker"] == f"worker{n}@{names[n - 1]}", status
             # -sV connects from the instance's address; phase 1's raw SYNs never reach accept()
             assert set(box.lab.peers(target)[seen:]) == {address}, (unit, box.lab.peers(target)[seen:])
+        # Each instance registered its own name with its own address when it first reached Redis.
+        with redis_server.client() as redis:
+            registered = {name: redis.hget(f"worker:{name}", "ip") for name in names}
+        assert registered == dict(zip(names, addresses, strict=True)), registered
     finally:
         tasker.close()
         box.run("rm", "-f", *confs)
         box.systemctl("restart", *INSTANCES, timeout=120)
         harness.sh("ip", "-n", box.lab.container_netns, "addr", "del", f"{second}/24", "dev", "eth0")
+        # The per-address names are gone with the settings; later tests see only the bare host's worker.
+        with redis_server.client() as redis:
+            redis.delete(*(f"worker:{name}" for name in names))
 
 
 def test_target_restart_restarts_every_instance(configured: harness.Container) -> None:

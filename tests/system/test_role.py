@@ -246,6 +246,56 @@ def test_a_new_nat_address_is_registered_at_once(
     HOST_VARS[SECOND]["falcoria_worker_ip"] = moved
 
 
+def test_one_instance_per_source_address(
+    fleet: fleet_mod.Fleet,
+    playbook: fleet_mod.Playbook,
+    config: dict[str, object],
+    services: tuple[RedisServer, RabbitMQ],
+) -> None:
+    """falcoria_worker_source_addresses on one host: an instance per address, each with its SOURCE_ADDRESS,
+    registered as `<host>-<N>` with its address, the bare host's key gone; a second run changes nothing.
+    Then the variable goes and the host is back to one instance under its own name."""
+    machine, second = fleet.machines[CANARY], f"{fleet_mod.SUBNET}.31"
+    addresses = [fleet.addresses[CANARY], second]
+    names = [f"{CANARY}-{n}" for n in (1, 2)]
+    redis_server, _ = services
+    harness.sh("ip", "-n", CANARY, "addr", "add", f"{second}/24", "dev", "eth0")
+    try:
+        host_vars = {
+            **HOST_VARS,
+            CANARY: {**HOST_VARS.get(CANARY, {}), "falcoria_worker_source_addresses": addresses},
+        }
+        result = playbook.run(config, host_vars=host_vars)
+        assert result.rc == 0, _explain(result)
+        for n, address in enumerate(addresses, start=1):
+            props = machine.show(f"falcoria-worker@{n}.service", "ActiveState", "UnitFileState")
+            assert (props["ActiveState"], props["UnitFileState"]) == ("active", "enabled"), (n, props)
+            effective = machine.run("falcoria-worker", "config", "--instance", str(n)).stdout
+            assert re.search(
+                rf"^SOURCE_ADDRESS += {re.escape(address)} .*worker@{n}\.conf", effective, re.M
+            ), effective
+            assert re.search(rf"^HOSTNAME += {names[n - 1]} ", effective, re.M), effective
+        with redis_server.client() as redis:
+            registered = {name: redis.hget(f"worker:{name}", "ip") for name in names}
+            assert registered == dict(zip(names, addresses, strict=True)), registered
+            assert not redis.exists(f"worker:{CANARY}")
+        again = playbook.run(config, host_vars=host_vars)
+        assert again.rc == 0, _explain(again)
+        assert {name: row["changed"] for name, row in again.recap.items()} == {CANARY: 0, SECOND: 0}, (
+            f"changed: {again.changed_tasks}"
+        )
+    finally:
+        # Back to one instance under the host's own name, for the tests that follow.
+        restored = playbook.run(config, host_vars=HOST_VARS)
+        harness.sh("ip", "-n", CANARY, "addr", "del", f"{second}/24", "dev", "eth0", check=False)
+        with redis_server.client() as redis:
+            redis.delete(*(f"worker:{name}" for name in names))
+    assert restored.rc == 0, _explain(restored)
+    assert machine.show("falcoria-worker@2.service", "ActiveState")["ActiveState"] == "inactive"
+    with redis_server.client() as redis:
+        assert redis.hget(f"worker:{CANARY}", "ip") == fleet.addresses[CANARY]
+
+
 def test_a_canary_with_wrong_broker_settings_stops_the_rollout(
     fleet: fleet_mod.Fleet,
     playbook: fleet_mod.Playbook,

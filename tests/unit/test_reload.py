@@ -45,7 +45,15 @@ def test_scanledger_can_change_but_not_appear_or_vanish() -> None:
 
 
 def test_every_connection_and_identity_setting_needs_a_restart() -> None:
-    for key in ("RABBITMQ_HOST", "REDIS_PORT", "WORKER_BACKEND_TOKEN", "INSTANCE", "HOSTNAME", "STATE_DIR"):
+    for key in (
+        "RABBITMQ_HOST",
+        "REDIS_PORT",
+        "WORKER_BACKEND_TOKEN",
+        "INSTANCE",
+        "HOSTNAME",
+        "STATE_DIR",
+        "SOURCE_ADDRESS",
+    ):
         assert key in RESTART_KEYS
     for key in ("SCOPE_ALLOW", "NMAP_EXTRA_FLAGS", "NMAP_ALLOWED_SCRIPTS", "SCANLEDGER_TIMEOUT", "WORKER_IP"):
         assert key not in RESTART_KEYS
