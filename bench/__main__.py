@@ -20,7 +20,7 @@ from bench.lab import Lab, load_average
 from bench.report import RELIABILITY, RESULTS, Options, Result, append, header
 
 BENCHMARKS: dict[str, Callable[[Lab, Options], Result]] = {
-    "overhead": lambda lab, o: overhead.run(lab, o.quick),
+    "overhead": lambda lab, o: overhead.run(lab, o.quick, o.settings),
     "large": lambda lab, o: large.run(lab, o.quick),
     "cancel": lambda lab, o: cancel.run(lab, o.quick),
     "scaling": lambda lab, o: scaling.run(lab, o.quick),
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="idle, tracking: a worker setting (repeatable)",
+        help="overhead, idle, tracking: a worker setting (repeatable)",
     )
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]

@@ -29,10 +29,10 @@ IDLE_SECONDS = 3.0
 UPSTREAM = "upstream worker: 6.565 s vs 6.483 s bare, ratio 1.013, ~80 ms overhead, pick-up 11 ms"
 
 
-def run(lab: Lab, quick: bool) -> Result:
+def run(lab: Lab, quick: bool, settings: dict[str, str]) -> Result:
     count = QUICK_TASKS if quick else TASKS
     ip = lab.targets.services
-    worker = lab.worker("1")
+    worker = lab.worker("1", **settings)
     # Warm-up, not counted: first connections, nmap's data files into the page cache.
     lab.upload_of(lab.send(ip, PORTS_OPTS, SERVICE_OPTS), timeout=120)
     bare.run_bare(ip, PORTS_OPTS, SERVICE_OPTS)

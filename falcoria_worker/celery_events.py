@@ -167,6 +167,10 @@ class CeleryEvents:
             self._last_heartbeat = now
             self._send_worker("worker-heartbeat")
 
+    def next_due(self) -> float | None:
+        """The next heartbeat's time (monotonic) while online."""
+        return self._last_heartbeat + HEARTBEAT_INTERVAL if self._online else None
+
     def heartbeat(self) -> None:
         """The `heartbeat` control command: one now, with the frequency a stock worker reports."""
         self._send("worker-heartbeat", freq=5, **SOFTWARE_INFO)

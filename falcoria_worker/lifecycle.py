@@ -177,6 +177,7 @@ class WorkerObserver(Protocol):
 
 class Ticking(Protocol):
     def tick(self, now: float) -> None: ...  # every turn of the loop; `now` is time.monotonic()
+    def next_due(self) -> float | None: ...  # when it needs the next turn (monotonic), None: no need
 
 
 _RUNNING = frozenset({Stage.RECEIVED, Stage.PORTS_SCAN, Stage.SERVICE_SCAN, Stage.SCANNED})

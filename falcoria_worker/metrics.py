@@ -5,10 +5,12 @@ The bare-metal convention: no port of our own and nothing to authenticate. Each 
 temporary file renamed over the old one, so node_exporter never reads half a file) after every
 transition and at least every WRITE_INTERVAL seconds, and removes it on a clean stop.
 
-A transition only updates the registry and marks it changed; the loop's next `tick()` (every turn,
-tens of milliseconds) writes the file. A write costs a few milliseconds of file-system work, so doing it
-in the scan threads at every transition would be most of a task's overhead, and a burst of
-transitions (progress of several scans) is written once.
+A transition only updates the registry and marks it changed; the loop writes the file at its first turn
+SETTLE seconds after the first change not yet written (`next_due()` wakes it then). A write is a
+millisecond of CPU and file-system work: done at once it would sit on a task's critical path several
+times (lease claimed, nmap started, phases, upload) and compete with the scan thread starting nmap; a
+second later it lands while nmap runs, and a burst of transitions (a task's start, progress of several
+scans) is written once. node_exporter reads the file every 15 s, so a second of settling costs nothing.
 
 The unit's UMask=0077 would make the file unreadable to node_exporter's user, so the temporary file is
 created 0644 first and write_to_textfile reuses it; a later prometheus_client that names its temporary
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 
 DEBIAN_TEXTFILE_DIR = Path("/var/lib/prometheus/node-exporter")
 WRITE_INTERVAL = 15.0  # seconds; node_exporter scrapes every 15 s by default
+SETTLE = 1.0  # seconds a change waits for the transitions around it before the file is written
 FILE_MODE = 0o644
 # Scans take seconds to hours.
 PHASE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
@@ -111,6 +114,7 @@ class Metrics:
         self._running: dict[str, tuple[str | None, float]] = {}  # task id -> (phase, since)
         self._last_write = 0.0
         self._changed = False
+        self._due = 0.0  # when the changes not yet written are written (monotonic)
         self._failed_once = False
 
     # ------------------------------------------------------------------ tasks
@@ -134,7 +138,7 @@ class Metrics:
             elif view.running and (known is None or known[0] != phase):
                 self._running[transition.task_id] = (phase, transition.at)
             self.running.set(len(self._running))
-            self._changed = True
+        self._mark_changed()
 
     def _phase_done(self, known: tuple[str | None, float], at: float) -> None:
         phase, since = known
@@ -160,7 +164,7 @@ class Metrics:
 
     def consuming_changed(self, consuming: bool) -> None:
         self.consuming.set(1 if consuming else 0)
-        self.write()
+        self._mark_changed()
 
     def worker_stopping(self) -> None:
         """The file stays until `remove()`: a stop that hands scans back is still worth a last write."""
@@ -168,18 +172,29 @@ class Metrics:
 
     def draining_changed(self, draining: bool) -> None:
         self.draining.set(1 if draining else 0)
-        self.write()
+        self._mark_changed()
 
     def raw_socket_capable(self, capable: bool) -> None:
         self.raw_socket.set(1 if capable else 0)
-        self._changed = True
+        self._mark_changed()
 
     # ------------------------------------------------------------------ the file
 
+    def _mark_changed(self) -> None:
+        # Any thread; the first change after a write sets when it is written. A race between two
+        # threads here moves that by less than SETTLE, and both changes are in the registry already.
+        if not self._changed:
+            self._due = time.monotonic() + SETTLE
+            self._changed = True
+
+    def next_due(self) -> float:
+        """When the loop must turn next for this file (monotonic)."""
+        return self._due if self._changed else self._last_write + WRITE_INTERVAL
+
     def tick(self, now: float | None = None) -> None:
-        """Writes what changed since the last write, and at least every WRITE_INTERVAL seconds."""
+        """Writes the changes once they settled, and the file at least every WRITE_INTERVAL seconds."""
         now = time.monotonic() if now is None else now
-        if self._changed or now - self._last_write >= WRITE_INTERVAL:
+        if now >= self.next_due():
             self.write(now)
 
     def write(self, now: float | None = None) -> None:

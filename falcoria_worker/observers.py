@@ -52,6 +52,11 @@ class ObserverHub:
             except Exception:
                 log.exception("observer %s failed on its tick", type(observer).__name__)
 
+    def next_due(self) -> float | None:
+        """The earliest turn an observer asked for (monotonic): the loop sleeps no longer."""
+        due = [d for d in (observer.next_due() for observer in self.ticking) if d is not None]
+        return min(due, default=None)
+
     def publish(self, transition: Transition) -> None:
         for observer in self.observers:
             try:

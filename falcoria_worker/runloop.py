@@ -227,7 +227,7 @@ class Worker:
     def _time_to_next(self) -> float:
         """Seconds until the loop's next timer; messages, a scan's end and a stop wake it sooner."""
         now = time.monotonic()
-        timers = [self.notifier.watchdog_due(), self.leases.fence_due()]
+        timers = [self.notifier.watchdog_due(), self.leases.fence_due(), self.hub.next_due()]
         if self.health.ok:  # Redis's timers wait while it is down: nothing to do but probe it
             timers += [self.leases.next_due(), self.recorder.next_cleanup()]
         elif self.link.ok:  # serving: the tick probes it (a reconnect waits in _ensure_redis)

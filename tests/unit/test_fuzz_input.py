@@ -4,11 +4,14 @@ built from it keeps the target last and free of file, target and script options.
 
 The allow-list below is written out again on purpose, from contract §2.1 and the documented extras: it is
 the specification the policy is checked against, not a copy of the policy's tables.
-About 12,500 generated cases per run (see EXAMPLES)."""
+About 12,500 generated cases per run (see EXAMPLES); FALCORIA_FUZZ_SCALE scales them down where the search
+itself is not the point (the package build's run against the packaged venv: the same pure code is searched in
+full by the suite's unit tests)."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import string
 import uuid
@@ -22,7 +25,9 @@ from falcoria_worker.errors import Rejected
 from falcoria_worker.model import ImportMode, Phase, parse_task
 from falcoria_worker.policy import PolicyConfig, ScanOptions, check_options, time_ms
 
-EXAMPLES = {"text": 2500, "soup": 4000, "payload": 3000, "argv": 3000}
+SCALE = float(os.environ.get("FALCORIA_FUZZ_SCALE", "1"))
+FULL = {"text": 2500, "soup": 4000, "payload": 3000, "argv": 3000}
+EXAMPLES = {kind: max(1, round(n * SCALE)) for kind, n in FULL.items()}
 
 
 def fuzz(kind: str) -> settings:

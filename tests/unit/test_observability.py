@@ -20,7 +20,7 @@ from falcoria_worker import broker, config
 from falcoria_worker.celery_control import ControlPanel, Snapshot, payload
 from falcoria_worker.celery_events import CeleryEvents, end_event, received_fields, scan_result
 from falcoria_worker.lifecycle import Event, Outcome, Stage, TaskView, new_task, step, stored_task
-from falcoria_worker.metrics import Metrics, rejection_reason, textfile_dir
+from falcoria_worker.metrics import SETTLE, WRITE_INTERVAL, Metrics, rejection_reason, textfile_dir
 from falcoria_worker.model import parse_task
 from falcoria_worker.observers import ObserverHub, StatusLine
 from falcoria_worker.systemd_notify import Notifier
@@ -233,7 +233,7 @@ def test_metrics_file_follows_the_tasks(tmp_path: Path) -> None:
         assert not (tmp_path / "falcoria-worker@3.prom").exists()  # transitions only mark a change
         metrics.draining_changed(True)
         metrics.raw_socket_capable(True)
-        metrics.tick()
+        metrics.tick(time.monotonic() + SETTLE)
     finally:
         os.umask(old)
     path = tmp_path / "falcoria-worker@3.prom"
@@ -256,6 +256,58 @@ def test_metrics_file_follows_the_tasks(tmp_path: Path) -> None:
     assert got[("falcoria_worker_build_info", (("version", "1.2.3"),))] == 1
     metrics.remove()
     assert not path.exists()
+
+
+def test_metrics_changes_are_written_once_they_settle(tmp_path: Path) -> None:
+    metrics = Metrics(tmp_path, "1", "1.0")
+    path = tmp_path / "falcoria-worker@1.prom"
+    metrics.write()
+    written = metrics.next_due()
+    assert written == pytest.approx(time.monotonic() + WRITE_INTERVAL, abs=1.0)  # nothing changed
+    path.unlink()
+    before = time.monotonic()
+    Life([metrics], "t1", TASK).scan(open_ports=2)  # a burst of transitions: one write
+    metrics.consuming_changed(False)
+    due = metrics.next_due()
+    assert before + SETTLE <= due <= time.monotonic() + SETTLE
+    metrics.tick(due - 0.01)
+    assert not path.exists()  # the loop's turns in between write nothing
+    metrics.tick(due)
+    got = read_metrics(path)
+    assert got[("falcoria_worker_open_ports_total", ())] == 2
+    assert got[("falcoria_worker_consuming", ())] == 0
+    assert metrics.next_due() == pytest.approx(due + WRITE_INTERVAL)
+
+
+def test_hub_wakes_the_loop_for_its_earliest_observer(tmp_path: Path) -> None:
+    class Timer:
+        def __init__(self, due: float | None) -> None:
+            self.due = due
+
+        def tick(self, now: float) -> None: ...
+
+        def next_due(self) -> float | None:
+            return self.due
+
+    hub = ObserverHub()
+    assert hub.next_due() is None
+    hub.add_ticking(Timer(None))
+    assert hub.next_due() is None
+    hub.add_ticking(Timer(30.0))
+    hub.add_ticking(Timer(20.0))
+    assert hub.next_due() == 20.0
+
+
+def test_worker_heartbeats_are_due_every_interval_while_online() -> None:
+    sender = CeleryEvents(lambda: Connection("memory://"), NODE, task_events=False)
+    assert sender.next_due() is None  # not online yet: no heartbeat wakes the loop
+    sender.worker_ready()
+    due = sender.next_due()
+    assert due is not None and due == pytest.approx(time.monotonic() + 2.0, abs=0.5)
+    sender.tick(due)
+    assert sender.next_due() == pytest.approx(due + 2.0)
+    sender.worker_stopping()
+    assert sender.next_due() is None
 
 
 def test_metrics_write_failure_never_raises(tmp_path: Path) -> None:
