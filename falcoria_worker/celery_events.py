@@ -163,7 +163,8 @@ class CeleryEvents:
     def tick(self, now: float | None = None) -> None:
         """A heartbeat every HEARTBEAT_INTERVAL seconds while online; cheap otherwise."""
         now = time.monotonic() if now is None else now
-        if self._online and now - self._last_heartbeat >= HEARTBEAT_INTERVAL:
+        due = self.next_due()
+        if due is not None and now >= due:
             self._last_heartbeat = now
             self._send_worker("worker-heartbeat")
 

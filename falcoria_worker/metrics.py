@@ -2,8 +2,8 @@
 
 The bare-metal convention: no port of our own and nothing to authenticate. Each instance writes
 `<METRICS_TEXTFILE_DIR>/falcoria-worker@<N>.prom` with prometheus_client's `write_to_textfile` (a
-temporary file renamed over the old one, so node_exporter never reads half a file) after every
-transition and at least every WRITE_INTERVAL seconds, and removes it on a clean stop.
+temporary file renamed over the old one, so node_exporter never reads half a file) SETTLE seconds after
+a change and at least every WRITE_INTERVAL seconds, and removes it on a clean stop.
 
 A transition only updates the registry and marks it changed; the loop writes the file at its first turn
 SETTLE seconds after the first change not yet written (`next_due()` wakes it then). A write is a

@@ -279,7 +279,7 @@ def test_metrics_changes_are_written_once_they_settle(tmp_path: Path) -> None:
     assert metrics.next_due() == pytest.approx(due + WRITE_INTERVAL)
 
 
-def test_hub_wakes_the_loop_for_its_earliest_observer(tmp_path: Path) -> None:
+def test_hub_wakes_the_loop_for_its_earliest_observer() -> None:
     class Timer:
         def __init__(self, due: float | None) -> None:
             self.due = due
